@@ -1,0 +1,42 @@
+"""The `lukv` torch.compile backend: rewrite cache-backed attention, then hand off to an inner compiler."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+
+from lukv_compile.kernels import ops  # noqa: F401  (registers the lukv:: ops)
+from lukv_compile.options import parse_options
+from lukv_compile.passes import rewrite_attention
+
+
+def lukv_backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], *, mode: str | None = None,
+                 options: dict | None = None):
+    """torch.compile backend. `options`: see lukv_compile.options.ALLOWED; `mode` goes to inductor."""
+    settings = parse_options(options)
+    rewrite_attention(gm)
+    counters["lukv"]["graphs_compiled"] += 1
+    if settings.inner == "eager":
+        return gm.forward
+    if settings.inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
+def register() -> None:
+    """Register "lukv" unless torch already has it (registered, or discovered as our entry point).
+
+    Registering twice crashes (`duplicate name`): torch registers entry-point backends itself when it
+    loads them, and loading the entry point imports this package.
+    """
+    from torch._dynamo.backends import registry
+
+    if "lukv" in registry._COMPILER_FNS or registry._BACKENDS.get("lukv") is not None:
+        return
+    registry.register_backend(lukv_backend, name="lukv")

@@ -1,0 +1,141 @@
+"""Vectorised PyTorch reference of every LU-KV kernel (the CPU path, and the ground truth for Triton).
+
+All of them work on one layer of the ragged cache layout (docs/architecture.md):
+
+    keys, values  [S, D]   every kept/appended token of every (batch row, KV head), head-contiguous
+    slot_owner    [S]      int32, flat head id b * H + h that owns the slot
+    positions     [S]      int32, original sequence position of the token in the slot (-1: free)
+    seg_start     [B, H]   int64, first slot of head (b, h)'s segment
+    seg_len       [B, H]   int32, tokens held by the segment (kept + appended)
+    seg_cap       [B, H]   int32, slots reserved for the segment (kept + decode room)
+    seen          [1]      int64, tokens the sequence has had (padding included): the next position
+
+No Python loops over heads or tokens: gathers, scatters and segment reductions only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lukv_compile import scorers
+from lukv_compile.budgets import adaptive_keep
+
+
+def slot_is_live(slot_owner: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor) -> torch.Tensor:
+    """[S] bool: the slot holds a token (it is below its segment's current length)."""
+    owner = slot_owner.long()
+    offset = torch.arange(slot_owner.shape[0], device=slot_owner.device) - seg_start.flatten()[owner]
+    return offset < seg_len.flatten().long()[owner]
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
+                     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new query per head over each KV head's own kept tokens.
+
+    q [B, Hq, 1, D] -> [B, Hq, 1, D] (contiguous, q's dtype). Reads every live slot once, for all the
+    query heads of its GQA group; a head with no tokens outputs zeros.
+    """
+    b, hq, _, d = q.shape
+    h = seg_start.shape[1]
+    group = hq // h
+    owner = slot_owner.long()
+    q_heads = q.reshape(b * h, group, d).float()
+    logits = torch.einsum("sgd,sd->sg", q_heads[owner], keys.float()) * scale  # [S, G]
+    logits = logits.masked_fill(~slot_is_live(slot_owner, seg_start, seg_len)[:, None], float("-inf"))
+    row_max = torch.full((b * h, group), float("-inf"), device=q.device)
+    row_max = row_max.scatter_reduce(0, owner[:, None].expand(-1, group), logits, "amax")
+    weights = (logits - row_max[owner]).exp().nan_to_num_(0.0)  # dead slots: exp(-inf) = 0
+    denom = torch.zeros(b * h, group, device=q.device).index_add_(0, owner, weights)
+    out = torch.zeros(b * h, group, d, device=q.device)
+    out.index_add_(0, owner, weights[:, :, None] * values.float()[:, None, :])
+    out = out / denom.clamp_min(torch.finfo(torch.float32).tiny)[:, :, None]
+    return out.view(b, hq, 1, d).to(q.dtype)
+
+
+def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              positions: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
+              seg_cap: torch.Tensor, seen: torch.Tensor) -> None:
+    """Append one decode token per (b, h) at the end of its segment: O(1) per head, no layer copy."""
+    b, h, _, d = k_new.shape
+    slots = (seg_start + seg_len).flatten()
+    keys.index_copy_(0, slots, k_new.reshape(b * h, d).to(keys.dtype))
+    values.index_copy_(0, slots, v_new.reshape(b * h, d).to(values.dtype))
+    positions.index_copy_(0, slots, seen.to(positions.dtype).expand(b * h))
+    seg_len.add_(1)
+    seen.add_(1)
+
+
+def check_room(seg_len: torch.Tensor, seg_cap: torch.Tensor) -> None:
+    """Refuse to append past a segment's capacity (that would overwrite the next head's tokens)."""
+    if bool((seg_len >= seg_cap).any()):
+        raise RuntimeError(
+            f"LUKVCache is full: a KV head holds {int(seg_cap.min())} slots and all are used; "
+            "prepare the cache with a larger max_new_tokens (generate does this from max_new_tokens)"
+        )
+
+
+def valid_from_mask(attn_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """[B, T] bool: the tokens the last query may see, i.e. the real (non-padding) tokens."""
+    if attn_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    last_row = attn_mask[:, 0, -1, :]
+    valid = last_row if last_row.dtype == torch.bool else last_row > torch.finfo(last_row.dtype).min / 2
+    return valid.expand(batch, length)
+
+
+def protect_and_mask(scores: torch.Tensor, valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Padding -> -inf (never kept); the first `sink` and last `window` real tokens -> +inf (always kept)."""
+    rank = valid.long().cumsum(dim=-1) - 1
+    count = valid.sum(dim=-1, keepdim=True)
+    protected = valid & ((rank < sink) | (rank >= count - window))
+    scores = scores.float().masked_fill(protected[:, None, :], float("inf"))
+    return scores.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def select_tokens(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, H, T] bool: each head's top-`keep[b, h]` tokens (stable: ties go to the earlier token)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    chosen = torch.arange(scores.shape[-1], device=scores.device) < keep[..., None]
+    return torch.zeros_like(chosen).scatter_(-1, order, chosen)
+
+
+def evict_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                  keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
+                  seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor, budget: torch.Tensor,
+                  seen: torch.Tensor, scorer: str, sink: int, window: int, adaptive: bool, room: int,
+                  scale: float) -> None:
+    """Score the prompt, keep each head's top-b tokens and compact them into the layer's segments."""
+    b, h, t, d = k.shape
+    if int(seen) != 0:
+        raise RuntimeError("LUKVCache already holds a sequence: call cache.reset() before a new prompt "
+                           "(multi-token continuation after eviction is not supported)")
+    valid = valid_from_mask(attn_mask, b, t, k.device)
+    scores = protect_and_mask(scorers.score(scorer, q, k, v, valid, scale), valid, sink, window)
+    keep = adaptive_keep(scores, budget.sum(dim=-1)) if adaptive else budget.long()
+    keep = torch.minimum(keep, valid.sum(dim=-1, keepdim=True))
+    compact_into_segments(select_tokens(scores, keep), k, v, keys, values, positions, slot_owner,
+                          seg_start, seg_len, seg_cap, room)
+    seen.fill_(t)
+
+
+def compact_into_segments(selected: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
+                          seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor,
+                          room: int) -> None:
+    """Lay the selected tokens out head after head (position order), each head followed by `room` free slots."""
+    b, h, t, d = k.shape
+    kept = selected.sum(dim=-1)  # [B, H]
+    cap = (kept + room).flatten()
+    if int(cap.sum()) > keys.shape[0]:
+        raise RuntimeError(f"eviction keeps {int(cap.sum())} slots but the layer has {keys.shape[0]}")
+    start = cap.cumsum(0) - cap
+    dest = (start.view(b, h, 1) + selected.long().cumsum(dim=-1) - 1)[selected]
+    keys.index_copy_(0, dest, k[selected].to(keys.dtype))
+    values.index_copy_(0, dest, v[selected].to(values.dtype))
+    token_pos = torch.arange(t, device=k.device, dtype=positions.dtype).expand(b, h, t)
+    positions.fill_(-1).index_copy_(0, dest, token_pos[selected])
+    owner = torch.repeat_interleave(torch.arange(b * h, device=k.device, dtype=slot_owner.dtype), cap)
+    slot_owner.fill_(b * h - 1)[: owner.shape[0]].copy_(owner)
+    seg_start.copy_(start.view(b, h))
+    seg_len.copy_(kept.view(b, h))
+    seg_cap.copy_(cap.view(b, h))
