@@ -28,13 +28,40 @@ def slot_is_live(slot_owner: torch.Tensor, seg_start: torch.Tensor, seg_len: tor
     return offset < seg_len.flatten().long()[owner]
 
 
+# Up to this many KV heads (batch rows x heads) one dense matmul over all slots, masked to each head's own
+# segment, beats the per-slot gathers: the wasted products cost less than the gathered [S, G, D] copies.
+DENSE_DECODE_MAX_HEADS = 8
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
                      seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one new query per head over each KV head's own kept tokens.
 
-    q [B, Hq, 1, D] -> [B, Hq, 1, D] (contiguous, q's dtype). Reads every live slot once, for all the
-    query heads of its GQA group; a head with no tokens outputs zeros.
+    q [B, Hq, 1, D] -> [B, Hq, 1, D] (contiguous, q's dtype). Every query head of a GQA group attends
+    to its KV head's live slots; a head with no tokens outputs zeros.
     """
+    if seg_start.numel() <= DENSE_DECODE_MAX_HEADS:
+        return decode_attention_dense(q, keys, values, seg_start, seg_len, scale)
+    return decode_attention_by_slot(q, keys, values, slot_owner, seg_start, seg_len, scale)
+
+
+def decode_attention_dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
+                           seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Few heads: logits of every query against every slot (two GEMMs), -inf outside the head's segment."""
+    b, hq, _, d = q.shape
+    h = seg_start.shape[1]
+    slot = torch.arange(keys.shape[0], device=q.device)
+    first = seg_start.reshape(b * h, 1)
+    own = (slot >= first) & (slot < first + seg_len.reshape(b * h, 1))  # [B*H, S]
+    logits = torch.mm(q.reshape(b * hq, d).float() * scale, keys.float().t())
+    logits.view(b * h, hq // h, -1).add_(torch.where(own, 0.0, float("-inf"))[:, None, :])
+    probs = logits.softmax(dim=-1).nan_to_num_(0.0)  # a head with no tokens: all -inf -> nan -> 0
+    return torch.mm(probs, values.float()).view(b, hq, 1, d).to(q.dtype)
+
+
+def decode_attention_by_slot(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
+                             seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Many heads: reads every live slot once, for all the query heads of its GQA group (segment reductions)."""
     b, hq, _, d = q.shape
     h = seg_start.shape[1]
     group = hq // h
