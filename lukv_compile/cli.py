@@ -1,0 +1,293 @@
+"""The `lukv` command line: profile a model, re-solve saved curves, inspect a profile.
+
+One `add_<command>` function per subcommand registers its arguments and handler; add new
+subcommands by writing one and listing it in COMMANDS.
+
+    lukv profile smollm2 --scorer snapkv --out smollm2-snapkv.safetensors
+    torchrun --nproc-per-node 2 -m lukv_compile.cli profile smollm2 --scorer snapkv,keydiff --out p-{scorer}.safetensors
+    lukv solve p-snapkv.curves.npz --out p-layer.safetensors --scope layer
+    lukv inspect p-snapkv.safetensors --compression 0.8 --png keep.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lukv_compile.profile import NUM_RATIOS, SCORERS, Profile, ProfileError, check_compression, check_scorer
+
+DTYPES = ("float32", "bfloat16")
+CURVES_SUFFIX = ".curves.npz"
+
+
+class CommandError(ValueError):
+    """A bad command-line argument, reported as `lukv: error: ...` with exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def compression_arg(text: str) -> float:
+    try:
+        return check_compression(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---------------------------------------------------------------- profile
+
+
+def add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="profile a model offline and write LU-KV profile file(s)",
+                       description="Oracle future utility on the calibration text -> per-head loss curves -> "
+                                   "global budget sweep; one .safetensors profile per scorer.")
+    p.add_argument("model", help="model name (smollm2, gemma3) or a path to a saved transformers model folder")
+    p.add_argument("--scorer", default="snapkv",
+                   help=f"scorer or comma-separated scorers, from: {', '.join(SCORERS)} (default snapkv)")
+    p.add_argument("--out", required=True,
+                   help="output .safetensors file; with several scorers it must contain {scorer}")
+    p.add_argument("--questions", type=positive_int, default=None, help="use the first N calibration questions "
+                   "(default: all)")
+    p.add_argument("--k-max", type=positive_int, default=64, help="sampled decode steps per question (default 64)")
+    p.add_argument("--context-tokens", type=positive_int, default=4096,
+                   help="calibration context length in tokens (default 4096)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
+    p.add_argument("--sink", type=non_negative_int, default=4, help="protected first tokens (default 4)")
+    p.add_argument("--window", type=non_negative_int, default=None,
+                   help="protected last tokens (default: the scorer's own, 32 for snapkv, 1 otherwise)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (question i uses seed + i)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--save-curves", action="store_true",
+                   help=f"also write each scorer's per-question loss curves next to its profile ({CURVES_SUFFIX})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_profile)
+
+
+def parse_scorers(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise CommandError(f"--scorer is empty; allowed: {', '.join(SCORERS)}")
+    for name in names:
+        check_scorer(name)
+    if len(set(names)) != len(names):
+        raise CommandError(f"--scorer lists a scorer twice: {text!r}")
+    return names
+
+
+def output_paths(out: str, scorers: list[str]) -> dict[str, Path]:
+    if len(scorers) > 1 and "{scorer}" not in out:
+        raise CommandError(f"--out {out!r} must contain {{scorer}} when profiling several scorers")
+    paths = {s: Path(out.replace("{scorer}", s)) for s in scorers}
+    for path in paths.values():
+        if not path.parent.is_dir():
+            raise CommandError(f"--out: folder {path.parent} does not exist")
+    return paths
+
+
+def load_model_arg(model: str, dtype: str):
+    """(model, tokenizer) for a registered model name or a saved transformers folder."""
+    import torch
+
+    from lukv_compile import models
+
+    torch_dtype = getattr(torch, dtype)
+    if Path(model).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa").eval()
+        return loaded, AutoTokenizer.from_pretrained(model)
+    if model not in models.MODELS:
+        raise CommandError(f"model {model!r} is neither a known name ({', '.join(sorted(models.MODELS))}) "
+                           "nor a folder holding a saved transformers model")
+    return models.load_model(model, dtype=torch_dtype)
+
+
+def run_profile(args) -> None:
+    import torch
+
+    from lukv_compile.data import calibration_questions
+    from lukv_compile.profiling.run import init_distributed, profile_scorers
+
+    scorers = parse_scorers(args.scorer)
+    paths = output_paths(args.out, scorers)
+    available = len(calibration_questions())
+    if args.questions is not None and args.questions > available:
+        raise CommandError(f"--questions {args.questions}: only {available} calibration questions exist")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, world = init_distributed()
+    model, tokenizer = load_model_arg(args.model, args.dtype)
+    start = time.perf_counter()
+    results = profile_scorers(model, tokenizer, scorers, sink=args.sink, window=args.window, k_max=args.k_max,
+                              context_tokens=args.context_tokens, num_questions=args.questions, scope=args.scope,
+                              seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        for scorer, result in results.items():
+            result.profile.save(paths[scorer])
+            print(f"wrote {paths[scorer]} ({scorer}, {elapsed:.1f} s on {world} process(es), "
+                  f"{torch.get_num_threads()} thread(s) each)")
+            if result.curves is not None:
+                curves_path = paths[scorer].with_suffix(CURVES_SUFFIX)
+                save_curves(curves_path, result.curves, result.profile)
+                print(f"wrote {curves_path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save_curves(path: Path, curves: np.ndarray, profile: Profile) -> None:
+    calibration = json.loads(profile.calibration)
+    meta = dict(profile.metadata(), context_len=calibration["context_tokens"])
+    np.savez_compressed(path, curves=curves, meta=np.array(json.dumps(meta)))
+
+
+# ---------------------------------------------------------------- solve
+
+
+def add_solve(sub) -> None:
+    p = sub.add_parser("solve", help="re-solve saved loss curves (from `profile --save-curves`) into a profile")
+    p.add_argument("curves", help=f"curves file written by `lukv profile --save-curves` (*{CURVES_SUFFIX})")
+    p.add_argument("--out", required=True, help="output .safetensors profile")
+    p.add_argument("--scope", choices=("global", "layer"), default=None,
+                   help="budget scope (default: the one the curves were profiled with)")
+    p.set_defaults(func=run_solve)
+
+
+def load_curves(path: str) -> tuple[np.ndarray, dict]:
+    if not Path(path).is_file():
+        raise CommandError(f"{path}: no such curves file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["curves"], json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CommandError(f"{path}: not a curves file written by `lukv profile --save-curves` ({e})") from e
+
+
+def run_solve(args) -> None:
+    from lukv_compile.profiling.run import mean_fractions, prune_fractions
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CommandError(f"--out: folder {out.parent} does not exist")
+    curves, meta = load_curves(args.curves)
+    scope = args.scope or meta["scope"]
+    layers, heads = meta["num_layers"], meta["num_kv_heads"]
+    if curves.ndim != 3 or curves.shape[1] != layers * heads:
+        raise CommandError(f"{args.curves}: curves shape {curves.shape} does not match {layers} x {heads} heads")
+    total = sum(prune_fractions(c, meta["context_len"], meta["sink"], meta["window"], layers, heads, scope)
+                for c in curves)
+    profile = Profile(mean_fractions(total, curves.shape[0]), scorer=meta["scorer"], sink=meta["sink"],
+                      window=meta["window"], model=meta["model"], fingerprint=meta["fingerprint"],
+                      calibration=meta["calibration"], scope=scope)
+    profile.save(out)
+    print(f"wrote {out} ({meta['scorer']}, scope {scope}, {curves.shape[0]} question(s))")
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a profile: per-layer keep fractions at one compression")
+    p.add_argument("profile", help=".safetensors profile file")
+    p.add_argument("--compression", type=compression_arg, default=0.8,
+                   help="global compression ratio in [0, 1) (default 0.8, i.e. keep 20%%)")
+    p.add_argument("--png", default=None, help="also write a layers x heads heatmap of keep fractions")
+    p.set_defaults(func=run_inspect)
+
+
+def keep_table(profile: Profile, compression: float) -> str:
+    keep = 1.0 - profile.fractions(compression)
+    per_head = profile.num_kv_heads <= 8
+    header = f"{'layer':>5} {'mean':>6} {'min':>6} {'max':>6}" + ("  per KV head" if per_head else "")
+    rows = [header]
+    for layer, row in enumerate(keep):
+        line = f"{layer:>5} {row.mean():6.3f} {row.min():6.3f} {row.max():6.3f}"
+        rows.append(line + ("  " + " ".join(f"{x:.3f}" for x in row) if per_head else ""))
+    rows.append(f"{'all':>5} {keep.mean():6.3f} {keep.min():6.3f} {keep.max():6.3f}")
+    return "\n".join(rows)
+
+
+def save_heatmap(profile: Profile, compression: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = 1.0 - profile.fractions(compression)
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * profile.num_kv_heads + 2), max(3.0, 0.18 * profile.num_layers + 1)))
+    image = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{profile.scorer} keep fraction @ compression {compression:g}")
+    fig.colorbar(image, ax=ax, label="keep fraction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_inspect(args) -> None:
+    if args.png is not None and not Path(args.png).parent.is_dir():
+        raise CommandError(f"--png: folder {Path(args.png).parent} does not exist")
+    profile = Profile.load(args.profile)
+    model = profile.model.get("model_id", "unknown model")
+    print(f"{args.profile}: {model}, scorer {profile.scorer}, sink {profile.sink}, window {profile.window}, "
+          f"scope {profile.scope}, {profile.num_layers} layers x {profile.num_kv_heads} KV heads, {NUM_RATIOS} ratios")
+    print(f"calibration: {profile.calibration}")
+    print(f"keep fractions at compression {args.compression:g}:")
+    print(keep_table(profile, args.compression))
+    if args.png is not None:
+        save_heatmap(profile, args.compression, Path(args.png))
+        print(f"wrote {args.png}")
+
+
+# ---------------------------------------------------------------- main
+
+COMMANDS = (add_profile, add_solve, add_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lukv", description="LU-KV per-head KV-cache eviction tools")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, ProfileError) as e:  # CommandError, ProfileError and argument checks are ValueErrors
+        print(f"lukv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Offline LU-KV profiling: calibration context + questions -> oracle I -> loss curves -> Profile.
+
+The context is prefilled once (that is where the time goes) and its q/k/v, scores and cache are
+reused for every question; only the question and its sampled decode steps are run per question.
+Per (context, question) the solver sweeps all 99 compression ratios; the prune fractions are
+averaged over questions, as the authors did. Under torchrun (WORLD_SIZE > 1) the questions are
+sharded across ranks and the summed fractions all-reduced over gloo; every rank gets the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lukv_compile import solver
+from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, Profile, check_scorer
+from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
+from lukv_compile.profiling.oracle import oracle_importance, record_prefill
+
+RATIOS = np.arange(1, NUM_RATIOS + 1) / 100
+TEMPERATURE = 0.7
+SCOPES = ("global", "layer")
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
+
+
+@dataclass
+class Calibration:
+    context_ids: torch.Tensor  # [T]
+    question_ids: list[torch.Tensor]  # one [T_q] tensor per question
+    name: str
+
+
+@dataclass
+class ProfileResult:
+    profile: Profile
+    curves: np.ndarray | None  # [questions, L * H_kv, evictable + 1] when asked for, else None
+
+
+def calibration_inputs(tokenizer, context: str | None = None, questions: Sequence[str] | None = None,
+                       context_tokens: int = 4096, num_questions: int | None = None) -> Calibration:
+    """Tokenise the calibration context (first `context_tokens` tokens) and the first `num_questions` questions."""
+    from lukv_compile.data import calibration_questions, calibration_text
+
+    name = CALIBRATION_NAME if context is None else "custom context"
+    context = calibration_text() if context is None else context
+    questions = [item["question"] for item in calibration_questions()] if questions is None else list(questions)
+    if context_tokens < 1:
+        raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
+    if num_questions is not None:
+        if not 1 <= num_questions <= len(questions):
+            raise ValueError(f"num_questions must be in 1..{len(questions)} (questions available), got {num_questions}")
+        questions = questions[:num_questions]
+    if not questions:
+        raise ValueError("need at least one calibration question")
+    context_ids = torch.tensor(tokenizer(context)["input_ids"][:context_tokens], dtype=torch.long)
+    question_ids = [torch.tensor(tokenizer(QUESTION_TEMPLATE.format(question=q), add_special_tokens=False)["input_ids"],
+                                 dtype=torch.long) for q in questions]
+    return Calibration(context_ids, question_ids, name)
+
+
+def min_keep(context_len: int, sink: int, window: int) -> int:
+    """The paper's floor max(round(0.01 T), sink + window); at least one token so a head is never empty."""
+    return max(round(0.01 * context_len), sink + window, 1)
+
+
+def prune_fractions(curves: np.ndarray, context_len: int, sink: int, window: int, num_layers: int,
+                    num_kv_heads: int, scope: str = "global") -> np.ndarray:
+    """[99, L, H_kv] prune fractions of the whole context from one question's curves over unprotected tokens.
+
+    The curves leave the P = sink + window protected tokens out, so compression rho of the whole
+    context (keep (1 - rho) T per head on average) is compression rho T / E of the E = T - P
+    evictable tokens, and evicting r_E of them prunes r_E E / T of the context.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    evictable = check_protection(context_len, sink, window)
+    floor = min_keep(context_len, sink, window) - (sink + window)
+    layer_of_head = np.repeat(np.arange(num_layers), num_kv_heads) if scope == "layer" else None
+    ratios = np.clip(RATIOS * context_len / evictable, 0.0, 1.0)
+    pruned = solver.sweep(curves, max(floor, 0), ratios=ratios, scope=scope, layer_of_head=layer_of_head)
+    return (pruned * evictable / context_len).reshape(NUM_RATIOS, num_layers, num_kv_heads)
+
+
+def mean_fractions(total: np.ndarray, count: int) -> np.ndarray:
+    """Average of `count` questions' prune fractions, as float32 strictly below 1 (Profile's range)."""
+    return np.clip(total / count, 0.0, 1.0 - 1e-6).astype(np.float32)
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the gloo process group torchrun set up when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(sorted(set(ids)))
+
+
+def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAULT_SINK, window: int | None = None,
+                    k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
+                    context_tokens: int = 4096, num_questions: int | None = None, scope: str = "global",
+                    seed: int = 0, keep_curves: bool = False, progress: bool = True) -> dict[str, ProfileResult]:
+    """One oracle run, one Profile per scorer (window None: each scorer's default window)."""
+    from lukv_compile.models import config_fingerprint, model_identity
+
+    if not scorers or len(set(scorers)) != len(scorers):
+        raise ValueError(f"scorers must be a non-empty list without repeats, got {list(scorers)}")
+    windows = {s: DEFAULT_WINDOW[check_scorer(s)] if window is None else window for s in scorers}
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    calib = calibration_inputs(tokenizer, context, questions, context_tokens, num_questions)
+    t = calib.context_ids.numel()
+    for s in scorers:
+        check_protection(t, sink, windows[s])
+    rank, world = init_distributed()
+
+    record = record_prefill(model, calib.context_ids)
+    orders = {s: eviction_order(layer_scores(s, record.q, record.k, record.v, record.scaling), sink, windows[s])
+              for s in scorers}
+    sums = {s: np.zeros((NUM_RATIOS, record.num_layers, record.num_kv_heads)) for s in scorers}
+    curves = {s: {} for s in scorers}
+    steps = 0
+    eos = _eos_ids(model, tokenizer)
+    mine = range(rank, len(calib.question_ids), world)
+    for i in tqdm(mine, desc="profiling questions", disable=not progress or rank != 0):
+        result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos)
+        steps += result.generated.numel()
+        for s in scorers:
+            c = cum_losses(result.importance, orders[s])
+            sums[s] += prune_fractions(c, t, sink, windows[s], record.num_layers, record.num_kv_heads, scope)
+            if keep_curves:
+                curves[s][i] = c
+    del record
+    steps = _all_reduce(sums, steps, world)
+    n = len(calib.question_ids)
+    description = json.dumps({
+        "text": calib.name, "context_tokens": t, "questions": n, "k_max": k_max, "temperature": TEMPERATURE,
+        "seed": seed, "mean_decode_steps": round(steps / n, 2), "question_template": QUESTION_TEMPLATE,
+    })
+    identity, fingerprint = model_identity(model), config_fingerprint(model.config)
+    results = {}
+    for s in scorers:
+        profile = Profile(mean_fractions(sums[s], n), scorer=s, sink=sink, window=windows[s], model=identity,
+                          fingerprint=fingerprint, calibration=description, scope=scope)
+        gathered = _gather_curves(curves[s], world) if keep_curves else None
+        results[s] = ProfileResult(profile, None if gathered is None else np.stack([gathered[i] for i in range(n)]))
+    return results
+
+
+def _all_reduce(sums: dict[str, np.ndarray], steps: int, world: int) -> int:
+    """Sum the per-rank prune-fraction sums (in place) and decode-step counts over all ranks."""
+    if world == 1:
+        return steps
+    import torch.distributed as dist
+
+    for s, total in sums.items():
+        tensor = torch.from_numpy(total)
+        dist.all_reduce(tensor)
+        sums[s] = tensor.numpy()
+    count = torch.tensor([steps], dtype=torch.float64)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+def _gather_curves(mine: dict[int, np.ndarray], world: int) -> dict[int, np.ndarray]:
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {i: c for part in parts for i, c in part.items()}
+
+
+def profile_model(model, tokenizer, scorer: str, sink: int = DEFAULT_SINK, window: int | None = None,
+                  k_max: int = 64, questions: Sequence[str] | None = None, context: str | None = None,
+                  scope: str = "global", progress: bool = True, **kwargs) -> Profile:
+    """Profile one scorer (see `profile_scorers` for the remaining keyword arguments)."""
+    return profile_scorers(model, tokenizer, [scorer], sink=sink, window=window, k_max=k_max, context=context,
+                           questions=questions, scope=scope, progress=progress, **kwargs)[scorer].profile
+
