@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-shot GPU check (one H200, <= 8 minutes): the Triton kernel tests on CUDA, then the decode
+# microbenchmark. Results land in $OUT (default benchmarks/gpu_out): pytest.log, gpu_check.json, bench.log.
+# Usage (from anywhere): bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/gpu_out}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+unset TRITON_INTERPRET  # the tests must compile for the GPU, not interpret
+
+echo "== environment"
+if ! "$PYTHON" - <<'PY'
+import sys
+missing = []
+for name in ("torch", "triton", "pytest", "hypothesis", "transformers"):
+    try:
+        __import__(name)
+    except ImportError as err:
+        missing.append(f"{name} ({err})")
+if missing:
+    sys.exit("missing Python packages: " + ", ".join(missing))
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device: nothing to check")
+print("device", torch.cuda.get_device_name(0))
+PY
+then
+    echo "gpu_check: environment not usable (see above)" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || true
+
+echo "== kernel tests on CUDA (limit 300 s)"
+LUKV_TEST_DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    2>&1 | tee "$OUT/pytest.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== decode microbenchmark (limit 150 s)"
+timeout 150 "$PYTHON" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "== summary: tests rc=$tests_rc (124 = timed out), benchmark rc=$bench_rc; results in $OUT"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
