@@ -25,13 +25,15 @@ def synthetic_curves(n_heads: int, tokens: int, seed: int) -> np.ndarray:
     return np.concatenate([np.zeros((n_heads, 1)), np.cumsum(ranked, axis=1)], axis=1)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
+def best_of(fn, repeats: int) -> dict[str, float]:
+    """Best wall and CPU seconds over repeats (CPU time is the steadier number on a shared box)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall_s": round(min(wall), 4), "cpu_s": round(min(cpu), 4)}
 
 
 def main() -> None:
@@ -47,19 +49,19 @@ def main() -> None:
     curves = synthetic_curves(n_heads, args.tokens, args.seed)
     layer_of_head = np.repeat(np.arange(args.layers), args.kv_heads)
     min_keep = max(round(0.01 * args.tokens), 4 + 32)
-    hull_s = best_of(lambda: hull_segments(list(curves)), args.repeats)
+    hull_time = best_of(lambda: hull_segments(list(curves)), args.repeats)
     result = {
         "layers": args.layers,
         "kv_heads": args.kv_heads,
         "tokens": args.tokens,
         "ratios": 99,
         "hull_vertices": int(hull_segments(list(curves)).head.size + n_heads),
-        "hull_s": hull_s,
-        "sweep_global_s": best_of(lambda: sweep(curves, min_keep), args.repeats),
-        "sweep_layer_s": best_of(
+        "hull": hull_time,
+        "sweep_global": best_of(lambda: sweep(curves, min_keep), args.repeats),
+        "sweep_layer": best_of(
             lambda: sweep(curves, min_keep, scope="layer", layer_of_head=layer_of_head), args.repeats
         ),
-        "allocate_s": best_of(lambda: allocate(curves, n_heads * args.tokens // 5, min_keep), args.repeats),
+        "allocate": best_of(lambda: allocate(curves, n_heads * args.tokens // 5, min_keep), args.repeats),
         "repeats": args.repeats,
         "python": platform.python_version(),
         "numpy": np.__version__,

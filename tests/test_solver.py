@@ -124,6 +124,14 @@ def test_hull_of_convex_curve_is_the_curve():
     np.testing.assert_allclose(convex_minorant(curve), curve, rtol=0, atol=1e-12)
 
 
+def test_hull_bridges_a_barely_concave_curve():
+    # Slopes fall by 1e-10 per token: every interior point is a (tiny) reflex vertex.
+    curve = curve_from_costs(1 - 1e-10 * np.arange(100))
+    hull = convex_minorant(curve)
+    np.testing.assert_allclose(hull, curve[-1] * np.arange(101) / 100, rtol=0, atol=1e-12)
+    assert np.all(hull[1:-1] < curve[1:-1])
+
+
 def test_hull_known_example():
     # Points (0,0) (1,5) (2,1) (3,3): the spike at k=1 is bridged by the chord 0 -> 2.
     np.testing.assert_array_equal(convex_minorant(np.array([0.0, 5.0, 1.0, 3.0])), [0.0, 0.5, 1.0, 3.0])
