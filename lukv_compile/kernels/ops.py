@@ -78,3 +78,7 @@ def decode_attention(
 @decode_attention.register_fake
 def _(q, *args):
     return q.new_empty(q.shape)
+
+
+if torch.cuda.is_available():
+    import lukv_compile.kernels.cuda  # noqa: E402,F401  (Triton kernels for the lukv:: ops on CUDA)

@@ -94,7 +94,10 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, valu
 
 def check_room(seg_len: torch.Tensor, seg_cap: torch.Tensor) -> None:
     """Refuse to append past a segment's capacity (that would overwrite the next head's tokens)."""
-    if bool((seg_len >= seg_cap).any()):
+    full = (seg_len >= seg_cap).any()
+    if full.is_cuda:  # no host sync per decode step on the GPU (and CUDA-graph safe): an async device assert
+        torch._assert_async(~full, "LUKVCache is full: prepare it with a larger max_new_tokens")
+    elif bool(full):
         raise RuntimeError(
             f"LUKVCache is full: a KV head holds {int(seg_cap.min())} slots and all are used; "
             "prepare the cache with a larger max_new_tokens (generate does this from max_new_tokens)"
