@@ -1,0 +1,125 @@
+"""Profile file format, budget rounding and the scorers' contracts."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lukv_compile.budgets import adaptive_keep, keep_counts, layer_keep_counts
+from lukv_compile.kernels.reference import protect_and_mask, select_tokens
+from lukv_compile.profile import Profile, ProfileError, ratio_row
+from lukv_compile.scorers import score
+
+fractions = st.integers(1, 6).flatmap(lambda layers: st.integers(1, 4).flatmap(
+    lambda heads: st.lists(st.floats(0, 0.99), min_size=layers * heads, max_size=layers * heads).map(
+        lambda xs: np.array(xs).reshape(layers, heads))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(prune=fractions, length=st.integers(1, 5000))
+def test_layer_rounding_hits_the_layer_target(prune, length):
+    keep = layer_keep_counts(prune, length)
+    ideal = (1 - prune) * length
+    assert keep.min() >= 1 and keep.max() <= length
+    unclamped = ideal.min(1) >= 1  # the clamp to [1, T] can only move layers with a head below one token
+    target = np.rint(ideal.sum(1))
+    assert np.array_equal(keep.sum(1)[unclamped], target[unclamped])
+    assert np.all(np.abs(keep - ideal) < 1 + 1e-9)  # floor plus at most one
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 3000), min_size=1, max_size=3), compression=st.floats(0, 0.99))
+def test_keep_counts_protect_sink_and_window(lengths, compression):
+    profile = Profile.uniform(3, 2)
+    keep = keep_counts(profile, compression, lengths, protected=36)
+    for row, n in zip(keep, lengths, strict=True):
+        assert (row >= min(n, 36)).all() and (row <= n).all()
+
+
+def test_compression_zero_keeps_everything_and_row_lookup():
+    profile = Profile.uniform(2, 2)
+    assert (keep_counts(profile, 0.0, [100], 36) == 100).all()
+    assert ratio_row(0.8) == 79 and ratio_row(0.001) == 0 and ratio_row(0.999) == 98
+    assert np.allclose(profile.fractions(0.8), 0.8)
+
+
+def test_profile_roundtrip_and_kvpress_npy(tmp_path):
+    profile = Profile.pyramid(4, 2, scorer="keydiff")
+    profile.model, profile.fingerprint = {"name": "tiny"}, "abc123"
+    path = tmp_path / "p.safetensors"
+    profile.save(path)
+    loaded = Profile.load(path)
+    assert np.array_equal(loaded.prune, profile.prune)
+    assert (loaded.scorer, loaded.sink, loaded.window, loaded.fingerprint) == ("keydiff", 4, 1, "abc123")
+    profile.to_kvpress_npy(tmp_path / "p.npy")
+    imported = Profile.from_kvpress_npy(tmp_path / "p.npy", scorer="keydiff")
+    assert np.array_equal(imported.prune, profile.prune)
+
+
+def test_pyramid_keeps_the_uniform_total_and_falls_with_depth():
+    keep = 1 - Profile.pyramid(8, 2).fractions(0.8)
+    assert np.isclose(keep.mean(), 0.2, atol=1e-3)
+    assert (np.diff(keep[:, 0]) < 0).all()
+
+
+def test_bad_profile_files_are_named(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    Profile.uniform(2, 2).save(path)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ProfileError, match="broken.safetensors"):
+        Profile.load(path)
+    with pytest.raises(ProfileError, match="no such profile"):
+        Profile.load(tmp_path / "missing.safetensors")
+    np.save(tmp_path / "bad.npy", np.zeros((10, 2, 2)))
+    with pytest.raises(ProfileError, match=r"bad.npy: prune fractions must have shape \[99"):
+        Profile.from_kvpress_npy(tmp_path / "bad.npy", scorer="snapkv")
+    with pytest.raises(ProfileError, match="fingerprint"):
+        Profile(Profile.uniform(2, 2).prune, fingerprint="aaa").check_model(2, 2, fingerprint="bbb")
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 4), t=st.integers(2, 60), seed=st.integers(0, 1000))
+def test_adaptive_keep_sums_to_layer_total(b, h, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, t, generator=g)
+    totals = torch.randint(h, h * t + 1, (b,), generator=g)
+    keep = adaptive_keep(scores, totals)
+    assert torch.equal(keep.sum(-1), totals)
+    assert (keep >= (0.2 * totals / h).floor()[:, None]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(1, 80), pad=st.integers(0, 20), sink=st.integers(0, 6), window=st.integers(0, 10),
+       seed=st.integers(0, 1000))
+def test_selection_keeps_protected_never_padding(t, pad, sink, window, seed):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(t, dtype=torch.bool)])[None]
+    scores = protect_and_mask(torch.randn(1, 2, pad + t, generator=g), valid, sink, window)
+    keep = torch.full((1, 2), min(t, sink + window) + (t - min(t, sink + window)) // 2)
+    chosen = select_tokens(scores, keep)
+    assert torch.equal(chosen.sum(-1), keep)
+    assert not chosen[..., :pad].any()
+    protected = list(range(pad, pad + min(sink, t))) + list(range(pad + max(t - window, 0), pad + t))
+    assert chosen[..., protected].all()
+
+
+@pytest.mark.parametrize("name", ["snapkv", "keydiff", "expected_attention", "streaming"])
+def test_scorers_shape_and_gqa_granularity(name):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    s = score(name, q, k, v, valid)
+    assert s.shape == (2, 2, 50) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    with pytest.raises(ValueError, match="unknown scorer"):
+        score("h2o", q, k, v, valid)
+
+
+def test_snapkv_prefers_keys_the_window_attends():
+    q = torch.zeros(1, 1, 40, 8)
+    k = torch.zeros(1, 1, 40, 8)
+    q[..., -32:, 0] = 5.0
+    k[..., 3, 0] = 5.0  # only token 3 matches the observation window's queries
+    s = score("snapkv", q, k, torch.ones(1, 1, 40, 8), torch.ones(1, 40, dtype=torch.bool))
+    assert s[0, 0].argmax() in (0, 1, 2, 3, 4, 5, 6)  # max-pooling spreads it over its neighbours
+    assert s[0, 0, 3] > s[0, 0, 20]
