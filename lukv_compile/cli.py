@@ -241,11 +241,12 @@ def save_heatmap(profile: Profile, compression: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keep = 1.0 - profile.fractions(compression)
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * profile.num_kv_heads + 2), max(3.0, 0.18 * profile.num_layers + 1)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * profile.num_kv_heads + 2), max(3.0, 0.18 * profile.num_layers + 1)))
     image = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(0, profile.num_kv_heads, max(1, profile.num_kv_heads // 16)))
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{profile.scorer} keep fraction @ compression {compression:g}")
+    ax.set_title(f"{profile.scorer} keep fraction\ncompression {compression:g}", fontsize=10)
     fig.colorbar(image, ax=ax, label="keep fraction")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

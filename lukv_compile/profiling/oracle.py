@@ -119,7 +119,7 @@ def record_prefill(model, context_ids: torch.Tensor) -> PrefillRecord:
         weights[layer] = value_output_weights(value, module.o_proj.weight)
 
     with recording(model, hook):
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids.to(model.device), use_cache=True)
     missing = [layer for layer in range(num_layers) if k[layer] is None]
     if missing:
         raise RuntimeError(f"attention was not recorded for layers {missing}")
@@ -168,9 +168,10 @@ def oracle_importance(model, record: PrefillRecord, question_ids: torch.Tensor, 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     question = _as_batch(question_ids, "question_ids")
     t_ctx, num_layers = record.context_len, record.num_layers
-    importance = torch.zeros(num_layers, record.num_kv_heads, t_ctx)
+    device = record.k[0].device
+    importance = torch.zeros(num_layers, record.num_kv_heads, t_ctx, device=device)
     cache = copy.deepcopy(record.cache)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # sampling on the CPU: same tokens on every device
 
     def hook(module, query, key, value, mask, scale):
         if query.shape[2] != 1:  # the question chunk: not a decode step
@@ -183,20 +184,20 @@ def oracle_importance(model, record: PrefillRecord, question_ids: torch.Tensor, 
     generated = []
     position = t_ctx
     with recording(model, hook):
-        logits = _forward(model, question, cache, position)
+        logits = _forward(model, question.to(device), cache, position)
         position += question.shape[1]
         for _ in range(k_max):
-            probs = (logits[0, -1].float() / temperature).softmax(dim=-1)
+            probs = (logits[0, -1].float().cpu() / temperature).softmax(dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
             if token in eos_token_ids:
                 break
             generated.append(token)
-            logits = _forward(model, torch.tensor([[token]]), cache, position)
+            logits = _forward(model, torch.tensor([[token]], device=device), cache, position)
             position += 1
-    return OracleResult(importance, torch.tensor(generated, dtype=torch.long))
+    return OracleResult(importance.cpu(), torch.tensor(generated, dtype=torch.long))
 
 
 def _forward(model, ids: torch.Tensor, cache, position: int) -> torch.Tensor:
-    positions = torch.arange(position, position + ids.shape[1])[None]
+    positions = torch.arange(position, position + ids.shape[1], device=ids.device)[None]
     return model(input_ids=ids, cache=cache, position_ids=positions, use_cache=True,
                  logits_to_keep=1).logits

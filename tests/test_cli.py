@@ -1,0 +1,87 @@
+"""The `lukv` command line on a tiny random model saved to a folder."""
+
+import json
+
+import numpy as np
+import pytest
+from test_profiling import save_tiny_model
+
+from lukv_compile.cli import main
+from lukv_compile.profile import NUM_RATIOS, Profile
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+PROFILE_ARGS = ["--questions", "2", "--k-max", "3", "--context-tokens", "90", "--no-progress"]
+
+
+def test_profile_inspect_solve_roundtrip(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "tiny-snapkv.safetensors"
+    assert main(["profile", str(tiny_folder), "--scorer", "snapkv", "--out", str(out), "--save-curves",
+                 *PROFILE_ARGS]) == 0
+    profile = Profile.load(out)
+    assert profile.prune.shape == (NUM_RATIOS, 2, 2) and profile.window == 32
+    assert json.loads(profile.calibration)["context_tokens"] == 90
+
+    png = tmp_path / "keep.png"
+    assert main(["inspect", str(out), "--compression", "0.5", "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    keep = 1 - profile.fractions(0.5)
+    assert f"{keep.mean():6.3f}" in printed and "scorer snapkv" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Re-solving the saved curves reproduces the profile; a different scope changes it.
+    again = tmp_path / "again.safetensors"
+    assert main(["solve", str(out.with_suffix(".curves.npz")), "--out", str(again)]) == 0
+    np.testing.assert_array_equal(Profile.load(again).prune, profile.prune)
+    layer = tmp_path / "layer.safetensors"
+    assert main(["solve", str(out.with_suffix(".curves.npz")), "--out", str(layer), "--scope", "layer"]) == 0
+    layered = Profile.load(layer)
+    assert layered.scope == "layer"
+    np.testing.assert_allclose(layered.prune[49].mean(axis=1), layered.prune[49].mean(), atol=1 / (2 * 90))
+
+
+def test_profile_several_scorers_writes_one_file_each(tiny_folder, tmp_path):
+    pattern = str(tmp_path / "p-{scorer}.safetensors")
+    assert main(["profile", str(tiny_folder), "--scorer", "keydiff,expected_attention", "--out", pattern,
+                 *PROFILE_ARGS]) == 0
+    for scorer in ("keydiff", "expected_attention"):
+        profile = Profile.load(tmp_path / f"p-{scorer}.safetensors")
+        assert (profile.scorer, profile.window) == (scorer, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "no-such-model", "--out", "x.safetensors"], "neither a known name"),
+    (["profile", "smollm2", "--scorer", "h2o", "--out", "x.safetensors"], "unknown scorer 'h2o'"),
+    (["profile", "smollm2", "--scorer", "snapkv,keydiff", "--out", "x.safetensors"], "must contain {scorer}"),
+    (["profile", "smollm2", "--scorer", "snapkv,snapkv", "--out", "{scorer}.st"], "twice"),
+    (["profile", "smollm2", "--out", "/no/such/dir/x.safetensors"], "does not exist"),
+    (["profile", "smollm2", "--questions", "31", "--out", "x.safetensors"], "only 30 calibration questions"),
+    (["inspect", "/no/such/profile.safetensors"], "no such profile file"),
+    (["solve", "/no/such/curves.npz", "--out", "x.safetensors"], "no such curves file"),
+])
+def test_bad_arguments_fail_before_work(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "smollm2", "--out", "x.safetensors", "--k-max", "0"],
+    ["profile", "smollm2", "--out", "x.safetensors", "--scope", "heads"],
+    ["inspect", "x.safetensors", "--compression", "1.5"],
+    ["frobnicate"],
+])
+def test_argparse_rejects_bad_values(args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+
+
+def test_solve_rejects_a_file_that_is_not_curves(tmp_path, capsys):
+    bogus = tmp_path / "bogus.npz"
+    np.savez(bogus, other=np.zeros(3))
+    assert main(["solve", str(bogus), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a curves file" in capsys.readouterr().err
