@@ -237,3 +237,19 @@ def test_cache_outside_backend_gives_clear_error():
     unprepared = LUKVCache(model.config, compression=0.5)
     with pytest.raises(RuntimeError, match="not prepared"):
         model(input_ids=ids, past_key_values=unprepared)
+
+
+def test_cache_reuse_needs_reset_and_seq_length_counts_padding():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch([40, 31])
+    cache = LUKVCache(model.config, compression=0.5)
+    model.compile(backend="lukv", options={"inner": "eager"})
+    first = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+                           do_sample=False)
+    assert cache.get_seq_length() == 40 + 4  # padded prompt + the decode steps (last token not fed back)
+    with pytest.raises(ValueError, match="call cache.reset"):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5)
+    cache.reset()
+    again = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+                           do_sample=False)
+    assert torch.equal(first, again)
