@@ -37,7 +37,6 @@ def ragged_layer(context: int, fractions: torch.Tensor, room: int, seed: int) ->
     cap = (lengths + room).flatten()
     slots = int(cap.sum())
     return dict(keys=torch.randn(slots, HEAD_DIM, generator=gen), values=torch.randn(slots, HEAD_DIM, generator=gen),
-                slot_owner=torch.repeat_interleave(torch.arange(cap.numel(), dtype=torch.int32), cap),
                 seg_start=(cap.cumsum(0) - cap).view(1, -1), seg_len=lengths.int())
 
 
@@ -73,9 +72,9 @@ def main() -> None:
     v_full = torch.randn(1, KV_HEADS, args.context, HEAD_DIM, generator=gen)
     scale = HEAD_DIM**-0.5
     group = Q_HEADS // KV_HEADS
-    ours = lambda: reference.decode_attention(q, layer["keys"], layer["values"], layer["slot_owner"],
+    ours = lambda: reference.decode_attention(q, layer["keys"], layer["values"],
                                               layer["seg_start"], layer["seg_len"], scale)
-    by_slot = lambda: reference.decode_attention_by_slot(q, layer["keys"], layer["values"], layer["slot_owner"],
+    by_slot = lambda: reference.decode_attention_by_slot(q, layer["keys"], layer["values"],
                                                          layer["seg_start"], layer["seg_len"], scale)
     sdpa_gqa = lambda: F.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True)
     sdpa_repeat_kv = lambda: F.scaled_dot_product_attention(

@@ -35,7 +35,6 @@ def ragged_layer(batch: int, context: int, compression: float, room: int, gen: t
     slots = int(cap.sum())
     return dict(keys=torch.randn(slots, HEAD_DIM, generator=gen).to(DTYPE).cuda(),
                 values=torch.randn(slots, HEAD_DIM, generator=gen).to(DTYPE).cuda(),
-                slot_owner=torch.repeat_interleave(torch.arange(cap.numel(), dtype=torch.int32), cap).cuda(),
                 seg_start=(cap.cumsum(0) - cap).view(batch, KV_HEADS).cuda(),
                 seg_len=lengths.int().cuda())
 
@@ -65,7 +64,7 @@ def bench_context(context: int, args, gen: torch.Generator) -> dict:
     scale = HEAD_DIM**-0.5
     layer = ragged_layer(args.batch, context, args.compression, args.room, gen)
     q = torch.randn(args.batch, Q_HEADS, 1, HEAD_DIM, generator=gen).to(DTYPE).cuda()
-    ragged = (q, layer["keys"], layer["values"], layer["slot_owner"], layer["seg_start"], layer["seg_len"])
+    ragged = (q, layer["keys"], layer["values"], layer["seg_start"], layer["seg_len"])
     result = {"context": context, "slots": layer["keys"].shape[0],
               "num_splits": default_num_splits(q, layer["keys"], args.batch * KV_HEADS)}
     ours = triton_decode_attention(*ragged, scale)

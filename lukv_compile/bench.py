@@ -113,7 +113,7 @@ def bench_attention(layer, config, context: int, repeats: int = 30) -> dict:
     ours, full = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        reference.decode_attention(q, layer.keys, layer.values, layer.slot_owner, layer.seg_start, layer.seg_len,
+        reference.decode_attention(q, layer.keys, layer.values, layer.seg_start, layer.seg_len,
                                    scale)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()

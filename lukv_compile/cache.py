@@ -47,7 +47,6 @@ class RaggedLayer(CacheLayerMixin):
         self.keys = torch.zeros(slots, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(slots, head_dim, dtype=dtype, device=device)
         self.positions = torch.full((slots,), -1, dtype=torch.int32, device=device)
-        self.slot_owner = torch.repeat_interleave(torch.arange(b * h, dtype=torch.int32), cap).to(device)
         self.seg_start = (cap.cumsum(0) - cap).long().view(b, h).to(device)
         self.seg_len = torch.zeros(b, h, dtype=torch.int32, device=device)
         self.seg_cap = cap.view(b, h).to(device)
@@ -59,8 +58,8 @@ class RaggedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         return torch.ops.lukv.cache_marker(
-            key_states, value_states, self.keys, self.values, self.positions, self.slot_owner, self.seg_start,
-            self.seg_len, self.seg_cap, self.budget, self.seen,
+            key_states, value_states, self.keys, self.values, self.positions, self.seg_start, self.seg_len,
+            self.seg_cap, self.budget, self.seen,
             self.layer_idx, self.scorer, self.sink, self.window, self.adaptive, self.room,
         )
 
@@ -84,8 +83,8 @@ class RaggedLayer(CacheLayerMixin):
     def tensors(self) -> list[torch.Tensor]:
         if not self.is_initialized:
             return []
-        return [self.keys, self.values, self.positions, self.slot_owner, self.seg_start, self.seg_len,
-                self.seg_cap, self.budget, self.seen]
+        return [self.keys, self.values, self.positions, self.seg_start, self.seg_len, self.seg_cap, self.budget,
+                self.seen]
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
         """For inspection and tests: per batch row and KV head, the original positions it holds."""

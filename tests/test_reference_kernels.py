@@ -23,12 +23,13 @@ def ragged_cache(lengths: torch.Tensor, room: int, head_dim: int, dtype: torch.d
     start = cap.cumsum(0) - cap
     owner = torch.full((slots,), b * h - 1, dtype=torch.int32)
     owner[: int(cap.sum())] = torch.repeat_interleave(torch.arange(b * h, dtype=torch.int32), cap)
-    live = reference.slot_is_live(owner, start.view(b, h), lengths.int())
+    assert torch.equal(reference.slot_owners(start.view(b, h), slots), owner.long())
+    live = reference.slot_is_live(owner.long(), start.view(b, h), lengths.int())
     keys = torch.where(live[:, None], torch.randn(slots, head_dim, generator=gen),
                        GARBAGE + torch.randn(slots, head_dim, generator=gen))
     values = torch.where(live[:, None], torch.randn(slots, head_dim, generator=gen),
                          GARBAGE + torch.randn(slots, head_dim, generator=gen))
-    return dict(keys=keys.to(dtype), values=values.to(dtype), slot_owner=owner, seg_start=start.view(b, h),
+    return dict(keys=keys.to(dtype), values=values.to(dtype), seg_start=start.view(b, h),
                 seg_len=lengths.int(), seg_cap=cap.view(b, h).int())
 
 
@@ -51,7 +52,7 @@ def per_head_attention(q: torch.Tensor, cache: dict[str, torch.Tensor], scale: f
 
 
 def decode_args(q: torch.Tensor, cache: dict[str, torch.Tensor]) -> tuple:
-    return (q, cache["keys"], cache["values"], cache["slot_owner"], cache["seg_start"], cache["seg_len"])
+    return (q, cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"])
 
 
 heads_and_lengths = st.tuples(st.integers(1, 3), st.integers(1, 3)).flatmap(
@@ -87,7 +88,7 @@ def compacted_cache(selected: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     b, h, t, d = k.shape
     slots = int(selected.sum()) + room * b * h + spare
     state = dict(keys=torch.zeros(slots, d), values=torch.zeros(slots, d),
-                 positions=torch.zeros(slots, dtype=torch.int32), slot_owner=torch.zeros(slots, dtype=torch.int32),
+                 positions=torch.zeros(slots, dtype=torch.int32),
                  seg_start=torch.zeros(b, h, dtype=torch.int64), seg_len=torch.zeros(b, h, dtype=torch.int32),
                  seg_cap=torch.zeros(b, h, dtype=torch.int32))
     reference.compact_into_segments(selected, k, v, *state.values(), room)
@@ -115,7 +116,8 @@ def test_compaction_puts_exactly_the_selected_tokens_in_their_slots(b, h, t, roo
             assert torch.equal(state["values"][segment], v[row, head, kept])
             assert torch.equal(state["positions"][segment], kept.int())
             assert bool((state["positions"][first + len(kept): first + len(kept) + room] == -1).all())
-            assert bool((state["slot_owner"][first: first + len(kept) + room] == row * h + head).all())
+            owners = reference.slot_owners(state["seg_start"], state["keys"].shape[0])
+            assert bool((owners[first: first + len(kept) + room] == row * h + head).all())
             expected_start += len(kept) + room
     assert bool((state["positions"][expected_start:] == -1).all())
 
@@ -153,7 +155,7 @@ def small_layer(b: int = 1, h: int = 2, t: int = 6, d: int = 8, room: int = 2):
     slots = b * h * (t + room)
     return dict(keys=torch.zeros(slots, d), values=torch.zeros(slots, d),
                 positions=torch.full((slots,), -1, dtype=torch.int32),
-                slot_owner=torch.zeros(slots, dtype=torch.int32), seg_start=torch.zeros(b, h, dtype=torch.int64),
+                seg_start=torch.zeros(b, h, dtype=torch.int64),
                 seg_len=torch.zeros(b, h, dtype=torch.int32), seg_cap=torch.zeros(b, h, dtype=torch.int32),
                 budget=torch.full((b, h), 3, dtype=torch.int32), seen=torch.zeros(1, dtype=torch.int64))
 
@@ -171,5 +173,5 @@ def test_opcheck_evict_prefill_append_and_decode():
     torch.library.opcheck(torch.ops.lukv.append_kv.default, (k_new, v_new, *state))
     q_new = torch.randn(b, h * group, 1, d)
     torch.library.opcheck(torch.ops.lukv.decode_attention.default,
-                          (q_new, layer["keys"], layer["values"], layer["slot_owner"], layer["seg_start"],
+                          (q_new, layer["keys"], layer["values"], layer["seg_start"],
                            layer["seg_len"], d**-0.5))

@@ -79,7 +79,7 @@ def test_decode_matches_reference(b, h, group, head_dim, dtype, num_splits, data
     seed = data.draw(st.integers(0, 2**16))
     cache = {name: t.to(DEVICE) for name, t in ragged_cache(lengths, 3, head_dim, dtype, seed).items()}
     q = torch.randn(b, h * group, 1, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
-    args = (q, cache["keys"], cache["values"], cache["slot_owner"], cache["seg_start"], cache["seg_len"])
+    args = (q, cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"])
     out = triton_decode_attention(*args, head_dim**-0.5, num_splits=num_splits)
     # The truth in fp32 from the same (already rounded) inputs; only the kernel rounds its output.
     expected = reference.decode_attention(*(a.float() if a.is_floating_point() else a for a in args),
@@ -92,7 +92,7 @@ def test_decode_matches_reference(b, h, group, head_dim, dtype, num_splits, data
 
 def test_decode_rejects_bad_inputs():
     cache = ragged_cache(torch.tensor([[2, 3]]), 1, 16, torch.float32, 0)
-    args = (cache["keys"], cache["values"], cache["slot_owner"], cache["seg_start"], cache["seg_len"], 0.25)
+    args = (cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"], 0.25)
     with pytest.raises(ValueError, match="one decode token"):
         triton_decode_attention(torch.randn(1, 2, 2, 16), *args)
     with pytest.raises(ValueError, match="multiple of KV heads"):
@@ -129,11 +129,10 @@ def test_snapkv_rejects_a_window_longer_than_one_tile():
 
 
 def empty_layer(slots: int, b: int, h: int, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """keys, values, positions, slot_owner, seg_start, seg_len, seg_cap, with stale contents."""
+    """keys, values, positions, seg_start, seg_len, seg_cap, with stale contents."""
     return [torch.full((slots, d), 7.0, dtype=dtype, device=DEVICE),
             torch.full((slots, d), -7.0, dtype=dtype, device=DEVICE),
             torch.full((slots,), 99, dtype=torch.int32, device=DEVICE),
-            torch.full((slots,), 5, dtype=torch.int32, device=DEVICE),
             torch.zeros(b, h, dtype=torch.int64, device=DEVICE),
             torch.zeros(b, h, dtype=torch.int32, device=DEVICE),
             torch.zeros(b, h, dtype=torch.int32, device=DEVICE)]
@@ -151,7 +150,7 @@ def test_compaction_matches_reference_exactly(b, h, t, head_dim, dtype, room, ke
     ours, theirs = empty_layer(slots, b, h, head_dim, dtype), empty_layer(slots, b, h, head_dim, dtype)
     triton_compact_into_segments(selected, k, v, *ours, room)
     reference.compact_into_segments(selected, k, v, *theirs, room)
-    for name, mine, truth in zip(("keys", "values", "positions", "slot_owner", "seg_start", "seg_len", "seg_cap"),
+    for name, mine, truth in zip(("keys", "values", "positions", "seg_start", "seg_len", "seg_cap"),
                                  ours, theirs, strict=True):
         assert torch.equal(mine, truth), name
 
@@ -191,5 +190,5 @@ def test_registered_cuda_decode_op_runs_triton():
 
     cache = {n: t.cuda() for n, t in ragged_cache(torch.tensor([[5, 70]]), 2, 64, torch.float16, 0).items()}
     q = torch.randn(1, 4, 1, 64, dtype=torch.float16, device="cuda")
-    args = (q, cache["keys"], cache["values"], cache["slot_owner"], cache["seg_start"], cache["seg_len"], 0.125)
+    args = (q, cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"], 0.125)
     torch.testing.assert_close(torch.ops.lukv.decode_attention(*args), triton_decode_attention(*args))

@@ -10,7 +10,6 @@ import torch
 
 import lukv_compile.kernels.ops  # noqa: F401  (defines the lukv:: ops registered below)
 from lukv_compile import scorers
-from lukv_compile.budgets import adaptive_keep
 from lukv_compile.kernels import reference
 from lukv_compile.kernels.triton_compact import triton_compact_into_segments
 from lukv_compile.kernels.triton_decode import triton_decode_attention
@@ -18,9 +17,9 @@ from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores
 
 
 @torch.library.register_kernel("lukv::decode_attention", "cuda")
-def decode_attention_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
-                          seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
-    return triton_decode_attention(q, keys, values, slot_owner, seg_start, seg_len, scale)
+def decode_attention_cuda(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
+                          seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+    return triton_decode_attention(q, keys, values, seg_start, seg_len, scale)
 
 
 def prefill_scores(scorer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
@@ -32,20 +31,6 @@ def prefill_scores(scorer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @torch.library.register_kernel("lukv::evict_prefill", "cuda")
-def evict_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                       keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
-                       seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor, budget: torch.Tensor,
-                       seen: torch.Tensor, scorer: str, sink: int, window: int, adaptive: bool, room: int,
-                       scale: float) -> None:
+def evict_prefill_cuda(*args) -> None:
     """`reference.evict_prefill` with Triton scoring (SnapKV) and Triton compaction."""
-    b, h, t, d = k.shape
-    if int(seen) != 0:
-        raise RuntimeError("LUKVCache already holds a sequence: call cache.reset() before a new prompt "
-                           "(multi-token continuation after eviction is not supported)")
-    valid = reference.valid_from_mask(attn_mask, b, t, k.device)
-    scores = reference.protect_and_mask(prefill_scores(scorer, q, k, v, valid, scale), valid, sink, window)
-    keep = adaptive_keep(scores, budget.sum(dim=-1)) if adaptive else budget.long()
-    keep = torch.minimum(keep, valid.sum(dim=-1, keepdim=True))
-    triton_compact_into_segments(reference.select_tokens(scores, keep), k, v, keys, values, positions, slot_owner,
-                                 seg_start, seg_len, seg_cap, room)
-    seen.fill_(t)
+    reference.evict_prefill(*args, score_fn=prefill_scores, compact_fn=triton_compact_into_segments)

@@ -19,8 +19,8 @@ from lukv_compile.kernels import reference
 
 @torch.library.custom_op("lukv::cache_marker", mutates_args=())
 def cache_marker(
-    k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, positions: Tensor, slot_owner: Tensor,
-    seg_start: Tensor, seg_len: Tensor, seg_cap: Tensor, budget: Tensor, seen: Tensor,
+    k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, positions: Tensor, seg_start: Tensor,
+    seg_len: Tensor, seg_cap: Tensor, budget: Tensor, seen: Tensor,
     layer_idx: int, scorer: str, sink: int, window: int, adaptive: bool, room: int,
 ) -> tuple[Tensor, Tensor]:
     raise RuntimeError(
@@ -37,14 +37,14 @@ def _(k_new, v_new, *args):
 
 @torch.library.custom_op(
     "lukv::evict_prefill",
-    mutates_args=("keys", "values", "positions", "slot_owner", "seg_start", "seg_len", "seg_cap", "seen"),
+    mutates_args=("keys", "values", "positions", "seg_start", "seg_len", "seg_cap", "seen"),
 )
 def evict_prefill(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, keys: Tensor, values: Tensor,
-    positions: Tensor, slot_owner: Tensor, seg_start: Tensor, seg_len: Tensor, seg_cap: Tensor,
+    positions: Tensor, seg_start: Tensor, seg_len: Tensor, seg_cap: Tensor,
     budget: Tensor, seen: Tensor, scorer: str, sink: int, window: int, adaptive: bool, room: int, scale: float,
 ) -> None:
-    reference.evict_prefill(q, k, v, attn_mask, keys, values, positions, slot_owner, seg_start, seg_len,
+    reference.evict_prefill(q, k, v, attn_mask, keys, values, positions, seg_start, seg_len,
                             seg_cap, budget, seen, scorer, sink, window, adaptive, room, scale)
 
 
@@ -69,10 +69,10 @@ def _(*args, **kwargs):
 
 @torch.library.custom_op("lukv::decode_attention", mutates_args=())
 def decode_attention(
-    q: Tensor, keys: Tensor, values: Tensor, slot_owner: Tensor, seg_start: Tensor, seg_len: Tensor,
+    q: Tensor, keys: Tensor, values: Tensor, seg_start: Tensor, seg_len: Tensor,
     scale: float,
 ) -> Tensor:
-    return reference.decode_attention(q, keys, values, slot_owner, seg_start, seg_len, scale)
+    return reference.decode_attention(q, keys, values, seg_start, seg_len, scale)
 
 
 @decode_attention.register_fake

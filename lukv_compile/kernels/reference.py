@@ -3,7 +3,6 @@
 All of them work on one layer of the ragged cache layout (docs/architecture.md):
 
     keys, values  [S, D]   every kept/appended token of every (batch row, KV head), head-contiguous
-    slot_owner    [S]      int32, flat head id b * H + h that owns the slot
     positions     [S]      int32, original sequence position of the token in the slot (-1: free)
     seg_start     [B, H]   int64, first slot of head (b, h)'s segment
     seg_len       [B, H]   int32, tokens held by the segment (kept + appended)
@@ -21,10 +20,16 @@ from lukv_compile import scorers
 from lukv_compile.budgets import adaptive_keep
 
 
-def slot_is_live(slot_owner: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor) -> torch.Tensor:
+def slot_owners(seg_start: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[S] int64: the flat head id b * H + h whose segment holds each slot (segments tile [0, S) in order)."""
+    slots = torch.arange(num_slots, device=seg_start.device)
+    # right=True: an empty segment shares its start with the next one, which owns the slot.
+    return torch.searchsorted(seg_start.flatten(), slots, right=True) - 1
+
+
+def slot_is_live(owner: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor) -> torch.Tensor:
     """[S] bool: the slot holds a token (it is below its segment's current length)."""
-    owner = slot_owner.long()
-    offset = torch.arange(slot_owner.shape[0], device=slot_owner.device) - seg_start.flatten()[owner]
+    offset = torch.arange(owner.shape[0], device=owner.device) - seg_start.flatten()[owner]
     return offset < seg_len.flatten().long()[owner]
 
 
@@ -33,8 +38,8 @@ def slot_is_live(slot_owner: torch.Tensor, seg_start: torch.Tensor, seg_len: tor
 DENSE_DECODE_MAX_HEADS = 8
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
-                     seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
+                     seg_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of one new query per head over each KV head's own kept tokens.
 
     q [B, Hq, 1, D] -> [B, Hq, 1, D] (contiguous, q's dtype). Every query head of a GQA group attends
@@ -42,7 +47,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """
     if seg_start.numel() <= DENSE_DECODE_MAX_HEADS:
         return decode_attention_dense(q, keys, values, seg_start, seg_len, scale)
-    return decode_attention_by_slot(q, keys, values, slot_owner, seg_start, seg_len, scale)
+    return decode_attention_by_slot(q, keys, values, seg_start, seg_len, scale)
 
 
 def decode_attention_dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
@@ -59,16 +64,16 @@ def decode_attention_dense(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return torch.mm(probs, values.float()).view(b, hq, 1, d).to(q.dtype)
 
 
-def decode_attention_by_slot(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_owner: torch.Tensor,
-                             seg_start: torch.Tensor, seg_len: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention_by_slot(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
+                             seg_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Many heads: reads every live slot once, for all the query heads of its GQA group (segment reductions)."""
     b, hq, _, d = q.shape
     h = seg_start.shape[1]
     group = hq // h
-    owner = slot_owner.long()
+    owner = slot_owners(seg_start, keys.shape[0])
     q_heads = q.reshape(b * h, group, d).float()
     logits = torch.einsum("sgd,sd->sg", q_heads[owner], keys.float()) * scale  # [S, G]
-    logits = logits.masked_fill(~slot_is_live(slot_owner, seg_start, seg_len)[:, None], float("-inf"))
+    logits = logits.masked_fill(~slot_is_live(owner, seg_start, seg_len)[:, None], float("-inf"))
     row_max = torch.full((b * h, group), float("-inf"), device=q.device)
     row_max = row_max.scatter_reduce(0, owner[:, None].expand(-1, group), logits, "amax")
     weights = (logits - row_max[owner]).exp().nan_to_num_(0.0)  # dead slots: exp(-inf) = 0
@@ -130,42 +135,53 @@ def select_tokens(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def evict_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                  keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
-                  seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor, budget: torch.Tensor,
-                  seen: torch.Tensor, scorer: str, sink: int, window: int, adaptive: bool, room: int,
-                  scale: float) -> None:
-    """Score the prompt, keep each head's top-b tokens and compact them into the layer's segments."""
+                  keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seg_start: torch.Tensor,
+                  seg_len: torch.Tensor, seg_cap: torch.Tensor, budget: torch.Tensor, seen: torch.Tensor,
+                  scorer: str, sink: int, window: int, adaptive: bool, room: int, scale: float,
+                  score_fn=scorers.score, compact_fn=None) -> None:
+    """Score the prompt, keep each head's top-b tokens and compact them into the layer's segments.
+
+    `score_fn` / `compact_fn` let a device swap in its own kernels (kernels/cuda.py) for the same steps.
+    """
     b, h, t, d = k.shape
     if int(seen) != 0:
         raise RuntimeError("LUKVCache already holds a sequence: call cache.reset() before a new prompt "
                            "(multi-token continuation after eviction is not supported)")
     valid = valid_from_mask(attn_mask, b, t, k.device)
-    scores = protect_and_mask(scorers.score(scorer, q, k, v, valid, scale), valid, sink, window)
+    scores = protect_and_mask(score_fn(scorer, q, k, v, valid, scale), valid, sink, window)
     keep = adaptive_keep(scores, budget.sum(dim=-1)) if adaptive else budget.long()
     keep = torch.minimum(keep, valid.sum(dim=-1, keepdim=True))
-    compact_into_segments(select_tokens(scores, keep), k, v, keys, values, positions, slot_owner,
-                          seg_start, seg_len, seg_cap, room)
+    (compact_fn or compact_into_segments)(select_tokens(scores, keep), k, v, keys, values, positions, seg_start,
+                                          seg_len, seg_cap, room)
     seen.fill_(t)
 
 
+def segment_layout(kept: torch.Tensor, room: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Capacities [B*H] (kept + room) and starts [B*H] of segments laid head after head."""
+    cap = (kept + room).flatten()
+    if int(cap.sum()) > num_slots:
+        raise RuntimeError(f"eviction keeps {int(cap.sum())} slots but the layer has {num_slots}")
+    return cap, cap.cumsum(0) - cap
+
+
+def write_segment_metadata(kept: torch.Tensor, cap: torch.Tensor, start: torch.Tensor, seg_start: torch.Tensor,
+                           seg_len: torch.Tensor, seg_cap: torch.Tensor) -> None:
+    shape = seg_start.shape
+    seg_start.copy_(start.view(shape))
+    seg_len.copy_(kept.view(shape))
+    seg_cap.copy_(cap.view(shape))
+
+
 def compact_into_segments(selected: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                          values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
-                          seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor,
-                          room: int) -> None:
-    """Lay the selected tokens out head after head (position order), each head followed by `room` free slots."""
+                          values: torch.Tensor, positions: torch.Tensor, seg_start: torch.Tensor,
+                          seg_len: torch.Tensor, seg_cap: torch.Tensor, room: int) -> None:
+    """Lay the selected tokens out head after head (position order), each followed by `room` free slots."""
     b, h, t, d = k.shape
     kept = selected.sum(dim=-1)  # [B, H]
-    cap = (kept + room).flatten()
-    if int(cap.sum()) > keys.shape[0]:
-        raise RuntimeError(f"eviction keeps {int(cap.sum())} slots but the layer has {keys.shape[0]}")
-    start = cap.cumsum(0) - cap
+    cap, start = segment_layout(kept, room, keys.shape[0])
     dest = (start.view(b, h, 1) + selected.long().cumsum(dim=-1) - 1)[selected]
     keys.index_copy_(0, dest, k[selected].to(keys.dtype))
     values.index_copy_(0, dest, v[selected].to(values.dtype))
     token_pos = torch.arange(t, device=k.device, dtype=positions.dtype).expand(b, h, t)
     positions.fill_(-1).index_copy_(0, dest, token_pos[selected])
-    owner = torch.repeat_interleave(torch.arange(b * h, device=k.device, dtype=slot_owner.dtype), cap)
-    slot_owner.fill_(b * h - 1)[: owner.shape[0]].copy_(owner)
-    seg_start.copy_(start.view(b, h))
-    seg_len.copy_(kept.view(b, h))
-    seg_cap.copy_(cap.view(b, h))
+    write_segment_metadata(kept, cap, start, seg_start, seg_len, seg_cap)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lukv_compile.kernels import reference
 from lukv_compile.kernels.triton_decode import SUM
 
 BLOCK_T = 64
@@ -61,17 +62,13 @@ def check_compact_inputs(selected: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def triton_compact_into_segments(selected: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                                 values: torch.Tensor, positions: torch.Tensor, slot_owner: torch.Tensor,
-                                 seg_start: torch.Tensor, seg_len: torch.Tensor, seg_cap: torch.Tensor,
-                                 room: int) -> None:
+                                 values: torch.Tensor, positions: torch.Tensor, seg_start: torch.Tensor,
+                                 seg_len: torch.Tensor, seg_cap: torch.Tensor, room: int) -> None:
     """Same contract and result as `reference.compact_into_segments` (writes the cache in place)."""
     check_compact_inputs(selected, k, v, keys, values)
     b, h, t, d = k.shape
     kept = selected.sum(dim=-1)  # [B, H]
-    cap = (kept + room).flatten()
-    if int(cap.sum()) > keys.shape[0]:
-        raise RuntimeError(f"eviction keeps {int(cap.sum())} slots but the layer has {keys.shape[0]}")
-    start = cap.cumsum(0) - cap
+    cap, start = reference.segment_layout(kept, room, keys.shape[0])
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     positions.fill_(-1)
@@ -81,8 +78,4 @@ def triton_compact_into_segments(selected: torch.Tensor, k: torch.Tensor, v: tor
         keys.stride(0), values.stride(0),
         HEADS=h, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK=BLOCK_T,
     )
-    owner = torch.repeat_interleave(torch.arange(b * h, device=k.device, dtype=slot_owner.dtype), cap)
-    slot_owner.fill_(b * h - 1)[: owner.shape[0]].copy_(owner)
-    seg_start.copy_(start.view(b, h))
-    seg_len.copy_(kept.view(b, h))
-    seg_cap.copy_(cap.view(b, h))
+    reference.write_segment_metadata(kept, cap, start, seg_start, seg_len, seg_cap)

@@ -36,7 +36,7 @@ class AttentionSite:
 
     @property
     def layer_idx(self) -> int:
-        return self.marker.args[11]
+        return self.marker.args[10]
 
     @property
     def module_path(self) -> str:

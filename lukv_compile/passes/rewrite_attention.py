@@ -24,10 +24,10 @@ from lukv_compile.passes.find_attention import AttentionSite, arg, find_attentio
 log = logging.getLogger("lukv_compile")
 _reported: set[str] = set()
 
-# cache_marker(k_new, v_new, keys, values, positions, slot_owner, seg_start, seg_len, seg_cap, budget, seen,
+# cache_marker(k_new, v_new, keys, values, positions, seg_start, seg_len, seg_cap, budget, seen,
 #              layer_idx, scorer, sink, window, adaptive, room)
-K_NEW, V_NEW, KEYS, VALUES, POSITIONS, SLOT_OWNER, SEG_START, SEG_LEN, SEG_CAP, BUDGET, SEEN = range(11)
-SCORER, SINK, WINDOW, ADAPTIVE, ROOM = range(12, 17)
+K_NEW, V_NEW, KEYS, VALUES, POSITIONS, SEG_START, SEG_LEN, SEG_CAP, BUDGET, SEEN = range(10)
+SCORER, SINK, WINDOW, ADAPTIVE, ROOM = range(11, 16)
 
 
 def report_once(message: str) -> None:
@@ -57,7 +57,7 @@ def rewrite_decode(graph: fx.Graph, site: AttentionSite) -> None:
                             (m[K_NEW], m[V_NEW], m[KEYS], m[VALUES], m[POSITIONS], m[SEG_START], m[SEG_LEN],
                              m[SEG_CAP], m[SEEN]))
         out = graph.call_function(torch.ops.lukv.decode_attention.default,
-                                  (site.query, m[KEYS], m[VALUES], m[SLOT_OWNER], m[SEG_START], m[SEG_LEN],
+                                  (site.query, m[KEYS], m[VALUES], m[SEG_START], m[SEG_LEN],
                                    softmax_scale(site)))
     out.meta.update(site.sdpa.meta)
     site.sdpa.replace_all_uses_with(out)
@@ -76,7 +76,7 @@ def rewrite_prefill(graph: fx.Graph, site: AttentionSite) -> None:
     with graph.inserting_after(site.sdpa):
         graph.call_function(torch.ops.lukv.evict_prefill.default,
                             (site.query, m[K_NEW], m[V_NEW], arg(site.sdpa, 3, "attn_mask"), m[KEYS], m[VALUES],
-                             m[POSITIONS], m[SLOT_OWNER], m[SEG_START], m[SEG_LEN], m[SEG_CAP], m[BUDGET],
+                             m[POSITIONS], m[SEG_START], m[SEG_LEN], m[SEG_CAP], m[BUDGET],
                              m[SEEN], m[SCORER], m[SINK], m[WINDOW], m[ADAPTIVE], m[ROOM], softmax_scale(site)))
 
 
