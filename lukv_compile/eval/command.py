@@ -1,0 +1,127 @@
+"""`lukv eval`: run the methods on the RULER-style tasks and write the results table and plots.
+
+    lukv eval --model smollm2 --tasks passkey,niah_single --context 2048 --samples 5 \
+        --compression 0.8 --methods all --out docs/results.md --json results.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from lukv_compile.eval.harness import PROMPT_FORMATS, check_evaluation, evaluate
+from lukv_compile.eval.methods import METHODS, parse_methods
+from lukv_compile.eval.tasks import TASKS
+from lukv_compile.options import INNER_COMPILERS
+
+DEFAULT_TASKS = "passkey,niah_single,niah_multikey,variable_tracking"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, KV memory and decode latency of the eviction methods",
+                       description="Prefill each task's context, compress it, then feed the question one token "
+                                   "at a time and decode greedily; every method runs through the same LUKVCache.")
+    p.add_argument("--model", default="smollm2", help="model name (smollm2, gemma3) or a saved transformers folder")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
+                   f"(default {DEFAULT_TASKS})")
+    p.add_argument("--context", default="2048", help="comma-separated context lengths in tokens (default 2048)")
+    p.add_argument("--samples", type=int, default=5, help="samples per task and context length (default 5)")
+    p.add_argument("--compression", default="0.8", help="comma-separated compression ratios in [0, 1) "
+                   "(default 0.8; the full cache always runs at 0)")
+    p.add_argument("--methods", default="all", help=f"comma-separated methods or all; from: {', '.join(METHODS)}")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                   help="chat template or plain text (default chat: the better one on the full cache)")
+    p.add_argument("--inner", choices=INNER_COMPILERS, default="inductor",
+                   help="compiler behind the lukv backend (default inductor; latency is only meaningful with it)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
+    p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
+    p.add_argument("--out", default=None, help="write the Markdown table here (and <name>_accuracy.png, "
+                   "<name>_budgets.png next to it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def split_list(text: str, convert, name: str) -> list:
+    try:
+        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{name} is empty")
+    return values
+
+
+def check_output(path: str | None, name: str) -> None:
+    if path is not None and not Path(path).parent.is_dir():
+        raise ValueError(f"--{name}: folder {Path(path).parent} does not exist")
+
+
+def canonical_command(args, tasks, contexts, compressions, methods) -> str:
+    parts = [f"lukv eval --model {args.model} --tasks {','.join(tasks)} --context {','.join(map(str, contexts))}",
+             f"--samples {args.samples} --compression {','.join(f'{c:g}' for c in compressions)}",
+             f"--methods {','.join(methods)} --prompt-format {args.prompt_format} --inner {args.inner}",
+             f"--seed {args.seed}"]
+    parts += [f"--threads {args.threads}"] if args.threads else []
+    parts += [f"--json {args.json}"] if args.json else []
+    parts += [f"--out {args.out}"] if args.out else []
+    return " ".join(parts)
+
+
+def run(args) -> int:
+    import torch
+
+    from lukv_compile.cli import load_model_arg
+    from lukv_compile.eval import report
+
+    tasks = list(TASKS) if args.tasks == "all" else split_list(args.tasks, str, "tasks")
+    contexts = split_list(args.context, int, "context")
+    compressions = split_list(args.compression, float, "compression")
+    methods = parse_methods(args.methods)
+    check_evaluation(tasks, contexts, args.samples, compressions)
+    check_output(args.json, "json")
+    check_output(args.out, "out")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+
+    model, tokenizer = load_model_arg(args.model, "float32")
+    start = time.perf_counter()
+    rows = evaluate(model, tokenizer, methods, tasks, contexts, args.samples, compressions, seed=args.seed,
+                    progress=not args.no_progress, prompt_format=args.prompt_format, inner=args.inner)
+    elapsed = time.perf_counter() - start
+    meta = {
+        "command": f"`{canonical_command(args, tasks, contexts, compressions, methods)}`",
+        "model": getattr(model.config, "name_or_path", args.model),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+                   f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), inner compiler {args.inner}",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "samples": f"{args.samples} per task and context length, seed {args.seed}, prompt format {args.prompt_format}",
+        "wall time": f"{elapsed / 60:.1f} min",
+    }
+    table = report.markdown_table(rows)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+    if args.out:
+        write_outputs(rows, meta, model, Path(args.out))
+    return 0
+
+
+def write_outputs(rows, meta: dict, model, out: Path) -> None:
+    from lukv_compile.eval import report
+    from lukv_compile.eval.methods import ProfileMissingError, shipped_profile
+
+    report.write_results(rows, out, meta)
+    accuracy = out.with_name(f"{out.stem}_accuracy.png")
+    report.plot_accuracy(rows, accuracy)
+    print(f"wrote {out}, {accuracy}")
+    try:
+        budgets = out.with_name(f"{out.stem}_budgets.png")
+        report.plot_budgets(shipped_profile(model, "snapkv"), budgets)
+        print(f"wrote {budgets}")
+    except ProfileMissingError as e:
+        print(f"no budget heatmap: {e}")
