@@ -170,6 +170,11 @@ def test_command_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
     assert [(r["method"], r["compression"]) for r in rows] == [("full", 0.0), ("snapkv", 0.8)]
     assert "--methods full,snapkv" in out.read_text() and (tmp_path / "results_accuracy.png").is_file()
     assert "no budget heatmap" in capsys.readouterr().out
+    # Re-rendering from the saved rows gives the same table.
+    again = tmp_path / "again.md"
+    args = eval_parser().parse_args(["eval", "--model", str(folder), "--from-json", str(js), "--out", str(again)])
+    assert command.run(args) == 0
+    assert report.markdown_table([Row(**r) for r in rows]) in again.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -178,11 +183,15 @@ def test_command_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
     (["--compression", "0.8,1.5"], "compression must be"),
     (["--tasks", "sudoku"], "unknown task"),
     (["--out", "/no/such/dir/r.md"], "--out: folder /no/such/dir does not exist"),
+    (["--from-json", "/no/such.json"], "--from-json needs --out"),
+    (["--from-json", "/no/such.json", "--out", "r.md"], "--from-json: /no/such.json is not a JSON file"),
 ])
-def test_command_rejects_bad_arguments_before_loading(argv, message):
+def test_command_rejects_bad_arguments_before_loading(argv, message, capsys):
     args = eval_parser().parse_args(["eval", "--model", "/no/such/model", *argv])
     with pytest.raises(ValueError, match=message):
         command.run(args)
+    assert command.main(["eval", "--model", "/no/such/model", *argv]) == 2
+    assert message.split(".*")[0] in capsys.readouterr().err
 
 
 @pytest.mark.slow

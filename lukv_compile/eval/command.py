@@ -12,7 +12,8 @@ import platform
 import time
 from pathlib import Path
 
-from lukv_compile.eval.harness import PROMPT_FORMATS, check_evaluation, evaluate
+from lukv_compile.eval import report
+from lukv_compile.eval.harness import PROMPT_FORMATS, Row, check_evaluation, evaluate
 from lukv_compile.eval.methods import METHODS, parse_methods
 from lukv_compile.eval.tasks import TASKS
 from lukv_compile.options import INNER_COMPILERS
@@ -41,6 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
     p.add_argument("--out", default=None, help="write the Markdown table here (and <name>_accuracy.png, "
                    "<name>_budgets.png next to it)")
+    p.add_argument("--from-json", default=None, help="comma-separated JSON files from earlier --json runs: "
+                   "skip the evaluation and write the report (--out) from their rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -72,10 +75,11 @@ def canonical_command(args, tasks, contexts, compressions, methods) -> str:
 
 
 def run(args) -> int:
+    if args.from_json:
+        return report_from_json(args)
     import torch
 
     from lukv_compile.cli import load_model_arg
-    from lukv_compile.eval import report
 
     tasks = list(TASKS) if args.tasks == "all" else split_list(args.tasks, str, "tasks")
     contexts = split_list(args.context, int, "context")
@@ -111,8 +115,30 @@ def run(args) -> int:
     return 0
 
 
+def report_from_json(args) -> int:
+    """Merge the rows of earlier runs (e.g. methods split over processes) into one report."""
+    from lukv_compile.cli import load_model_arg
+
+    if not args.out:
+        raise ValueError("--from-json needs --out (the report to write)")
+    check_output(args.out, "out")
+    runs = []
+    for path in split_list(args.from_json, str, "from-json"):
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--from-json: {path} is not a JSON file written by --json ({e})") from None
+    rows = [Row(**row) for run in runs for row in run["rows"]]
+    meta = dict(runs[0]["meta"])
+    meta["command"] = " + ".join(run["meta"]["command"] for run in runs)
+    meta["wall time"] = " + ".join(run["meta"]["wall time"] for run in runs)
+    print(report.markdown_table(rows))
+    model, _ = load_model_arg(args.model, "float32")
+    write_outputs(rows, meta, model, Path(args.out))
+    return 0
+
+
 def write_outputs(rows, meta: dict, model, out: Path) -> None:
-    from lukv_compile.eval import report
     from lukv_compile.eval.methods import ProfileMissingError, shipped_profile
 
     report.write_results(rows, out, meta)
@@ -125,3 +151,22 @@ def write_outputs(rows, meta: dict, model, out: Path) -> None:
         print(f"wrote {budgets}")
     except ProfileMissingError as e:
         print(f"no budget heatmap: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lukv_compile.eval.command eval ...`: the same as `lukv eval ...`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="lukv")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"lukv eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
