@@ -100,24 +100,26 @@ def bench_context(model, baseline, tokenizer, profile, context: int, compression
         "decode_ms_lukv": lukv_ms, "decode_ms_full": full_ms,
         "tokens_per_s_lukv": 1000 / lukv_ms, "tokens_per_s_full": 1000 / full_ms,
         "decode_speedup": full_ms / lukv_ms,
-        **bench_attention(cache.layers[0], model.config, context),
+        **bench_attention(cache, model.config, context),
     }
 
 
-def bench_attention(layer, config, context: int, repeats: int = 30) -> dict:
-    """The decode attention op alone on one layer's real ragged storage vs full-cache SDPA, interleaved."""
-    hq, h, d = config.num_attention_heads, config.num_key_value_heads, layer.keys.shape[1]
+def bench_attention(cache: LUKVCache, config, context: int, repeats: int = 15) -> dict:
+    """The decode attention op alone over every layer's real ragged storage vs full-cache SDPA, interleaved."""
+    hq, h, d = config.num_attention_heads, config.num_key_value_heads, cache.head_dim
+    layers = [layer for layer in cache.layers if hasattr(layer, "seg_len")]
     q = torch.randn(1, hq, 1, d)
     k_full, v_full = torch.randn(1, h, context, d), torch.randn(1, h, context, d)
     scale = d ** -0.5
     ours, full = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        reference.decode_attention(q, layer.keys, layer.values, layer.seg_start, layer.seg_len,
-                                   scale)
+        for layer in layers:
+            reference.decode_attention(q, layer.keys, layer.values, layer.seg_start, layer.seg_len, scale)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
+        for _ in layers:
+            F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
         full.append(time.perf_counter() - start)
     return {"attention_ms_lukv": median_ms(ours), "attention_ms_full_sdpa": median_ms(full),
             "attention_speedup": median_ms(full) / median_ms(ours)}
