@@ -1,0 +1,320 @@
+"""RULER-style synthetic long-context tasks, generated locally, seeded and deterministic.
+
+A sample is a long `context` (prefilled and compressed before the question is seen), a `question`
+asked after compression, and the `answers` that must all appear in the generated text. Contexts are
+sized in tokens of the tokenizer passed in: within +-5% of `context_tokens` (in practice within 1%).
+
+Tasks (after RULER, Hsieh et al. 2024):
+- passkey: a 5-digit pass key hidden in repeated noise sentences.
+- niah_single: one "special magic number" for a key, hidden in Austen's Persuasion.
+- niah_multikey: four needles with different keys; one is asked for (the others are distractors).
+- niah_multivalue: four numbers for the same key; all are asked for.
+- niah_multiquery: four keys; all four numbers are asked for.
+- variable_tracking: a chain VAR A = 12345, VAR B = VAR A, ... in noise; all names holding the value.
+- common_words: a numbered word list; the 10 words repeated most often.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
+from typing import Any, NamedTuple
+
+from lukv_compile.data import haystack_text
+
+TASKS = (
+    "passkey",
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+    "common_words",
+)
+MAX_NEW_TOKENS = {
+    "passkey": 12,
+    "niah_single": 16,
+    "niah_multikey": 16,
+    "niah_multivalue": 64,
+    "niah_multiquery": 64,
+    "variable_tracking": 32,
+    "common_words": 80,
+}
+TOLERANCE = 0.05  # contexts are guaranteed within this fraction of the requested token count
+_FIT_TARGET = 0.01  # what the length search aims for, well inside TOLERANCE
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NUM_NEEDLES = 4
+VT_HOPS = 4
+CWE_NUM_COMMON = 10
+# RULER's task instructions open the context, so they are compressed with it; small models ignore a
+# hidden needle without them (SmolLM2 answers "a magical key" instead of the number).
+PREAMBLES = {
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about the important information there.",
+    "niah": "Some special magic numbers are hidden within the following text. "
+    "Make sure to memorize it. I will quiz you about the numbers afterwards.",
+    "variable_tracking": "Memorize and track the chain(s) of variable assignment hidden in the following text.",
+    "common_words": "Below is a numbered list of words. In these words, some appear more often than others. "
+    "Memorize the ones that appear most often.",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    context: str
+    question: str
+    answers: list[str]  # all required, matched as whole words, case-insensitively
+    max_new_tokens: int
+    answer_prefix: str = ""  # RULER's start of the answer; a harness may append it after the prompt
+    depth: float | None = None  # where the queried needle (or chain start) sits, 0 = start, 1 = end
+
+
+@dataclass(frozen=True)
+class _Filler:
+    """Text cut into words (each keeps its trailing whitespace) that can be cycled from any start."""
+
+    words: tuple[str, ...]
+    ends_sentence: tuple[bool, ...]
+    sentence_starts: tuple[int, ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> _Filler:
+        words = tuple(re.findall(r"\S+\s*", text))
+        ends = tuple(bool(re.search(r"[.!?][\"']?\s*$", w)) for w in words)
+        starts = (0,) + tuple(i + 1 for i, end in enumerate(ends[:-1]) if end)
+        return cls(words, ends, starts)
+
+    def render(self, start: int, n: int, needles: list[tuple[float, str]]) -> str:
+        """n words from `start` (wrapping), each needle inserted at the sentence end nearest below its depth."""
+        size = len(self.words)
+        words = [self.words[(start + i) % size] for i in range(n)]
+        boundaries = [0] + [i + 1 for i in range(n) if self.ends_sentence[(start + i) % size]]
+        placed = sorted(
+            ((boundaries[bisect_right(boundaries, depth * n) - 1], k) for k, (depth, _) in enumerate(needles))
+        )
+        pieces, done = [], 0
+        for position, k in placed:
+            pieces += words[done:position]
+            pieces.append(needles[k][1] + " ")
+            done = position
+        pieces += words[done:]
+        return "".join(pieces).strip()
+
+
+@cache
+def _haystack() -> _Filler:
+    return _Filler.from_text(haystack_text())
+
+
+@cache
+def _noise() -> _Filler:
+    return _Filler.from_text(NOISE)
+
+
+@cache
+def _vocabulary() -> tuple[str, ...]:
+    """Plain lower-case English words (4+ letters, never capitalised) from the haystack text."""
+    text = haystack_text()
+    capitalised = {w.lower() for w in re.findall(r"\b[A-Z][a-z]+\b", text)}
+    return tuple(sorted(set(re.findall(r"\b[a-z]{4,}\b", text)) - capitalised))
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _fit(render: Callable[[int], str], tokenizer: Any, target: int, guess: int, max_units: int, task: str) -> str:
+    """Find the unit count whose rendering is closest to `target` tokens; render(n) grows with n."""
+    n, best = min(max(guess, 0), max_units), None
+    for _ in range(12):
+        text = render(n)
+        length = _count_tokens(tokenizer, text)
+        if best is None or abs(length - target) < abs(best[1] - target):
+            best = (text, length)
+        if abs(length - target) <= _FIT_TARGET * target:
+            break
+        if n == 0 and length > target:
+            raise ValueError(
+                f"context_tokens={target} is too small for task {task!r}: its fixed parts alone take {length} tokens"
+            )
+        # Tokens per unit measured so far; the fixed parts make it an overestimate, so steps undershoot.
+        step = round((target - length) * max(n, 1) / length)
+        n_next = min(max(n + (step or (1 if length < target else -1)), 0), max_units)
+        if n_next == n:
+            break
+        n = n_next
+    text, length = best
+    if length < (1 - TOLERANCE) * target and n == max_units:
+        raise ValueError(f"context_tokens={target} is too large for task {task!r}: at most ~{length} tokens")
+    if abs(length - target) > TOLERANCE * target:
+        raise RuntimeError(f"could not fit task {task!r} to {target} tokens (got {length})")
+    return text
+
+
+def _distinct(rng: random.Random, draw: Callable[[], Any], k: int) -> list:
+    out: list = []
+    while len(out) < k:
+        value = draw()
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def _key(rng: random.Random) -> str:
+    vocab = _vocabulary()
+    return f"{rng.choice(vocab)}-{rng.choice(vocab)}"
+
+
+def _magic_numbers(rng: random.Random, k: int) -> list[str]:
+    return [str(v) for v in _distinct(rng, lambda: rng.randint(1_000_000, 9_999_999), k)]
+
+
+def _magic_needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _spread(depth: float, k: int) -> list[float]:
+    """k depths evenly spaced around the unit circle starting at `depth` (the queried needle first)."""
+    return [(depth + j / k) % 1.0 for j in range(k)]
+
+
+class _Query(NamedTuple):
+    question: str
+    answer_prefix: str
+    answers: list[str]
+
+
+def _magic_query(keys: list[str], answers: list[str]) -> _Query:
+    """RULER's question and answer prefix for the magic numbers of `keys`."""
+    listed = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+    if len(answers) == 1:
+        return _Query(
+            f"What is the special magic number for {listed} mentioned in the provided text?",
+            f"The special magic number for {listed} mentioned in the provided text is",
+            answers,
+        )
+    return _Query(
+        f"What are all the special magic numbers for {listed} mentioned in the provided text?",
+        f"The special magic numbers for {listed} mentioned in the provided text are",
+        answers,
+    )
+
+
+def _needles_and_query(task: str, rng: random.Random, depth: float) -> tuple[list[tuple[float, str]], _Query]:
+    """Needles (depth, sentence) of a needle task and what is asked about them."""
+    if task == "passkey":
+        key = str(rng.randint(10_000, 99_999))
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        return [(depth, needle)], _Query("What is the pass key?", "The pass key is", [key])
+    if task == "niah_single":
+        key, value = _key(rng), _magic_numbers(rng, 1)[0]
+        return [(depth, _magic_needle(key, value))], _magic_query([key], [value])
+    if task == "variable_tracking":
+        names = _distinct(rng, lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), VT_HOPS + 1)
+        value = str(rng.randint(10_000, 99_999))
+        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
+        # The chain must read in order, so the hops follow the first statement towards the end.
+        depths = [depth + (1 - depth) * j / len(chain) for j in range(len(chain))]
+        query = _Query(
+            f"Find all variables that are assigned the value {value} in the text above.",
+            "Answer: According to the chain(s) of variable assignment in the text above, "
+            f"{len(names)} variables are assigned the value {value}, they are:",
+            names,
+        )
+        return list(zip(depths, chain, strict=True)), query
+    depths = _spread(depth, NUM_NEEDLES)
+    values = _magic_numbers(rng, NUM_NEEDLES)
+    if task == "niah_multivalue":
+        key = _key(rng)
+        return [(d, _magic_needle(key, v)) for d, v in zip(depths, values, strict=True)], _magic_query([key], values)
+    keys = _distinct(rng, lambda: _key(rng), NUM_NEEDLES)
+    needles = [(d, _magic_needle(k, v)) for d, k, v in zip(depths, keys, values, strict=True)]
+    if task == "niah_multikey":
+        return needles, _magic_query(keys[:1], values[:1])
+    return needles, _magic_query(keys, values)
+
+
+def _with_preamble(preamble: str, render: Callable[[int], str]) -> Callable[[int], str]:
+    return lambda n: f"{preamble}\n\n{render(n)}"
+
+
+def _needle_sample(task: str, rng: random.Random, depth: float, tokenizer: Any, target: int) -> Sample:
+    filler = _noise() if task in ("passkey", "variable_tracking") else _haystack()
+    needles, query = _needles_and_query(task, rng, depth)
+    start = rng.choice(filler.sentence_starts)
+    preamble = PREAMBLES["niah" if task.startswith("niah") else task]
+    render = _with_preamble(preamble, lambda n: filler.render(start, n, needles))
+    context = _fit(render, tokenizer, target, guess=target * 3 // 4, max_units=10 * target, task=task)
+    return Sample(task, context, query.question, query.answers, MAX_NEW_TOKENS[task], query.answer_prefix, depth)
+
+
+def _common_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sample:
+    query = _Query(
+        f"What are the {CWE_NUM_COMMON} most common words in the above list?",
+        f"Answer: The top {CWE_NUM_COMMON} words that appear most often in the list are:",
+        [],
+    )
+    # A word of the question itself could be "found" in an output that only echoes the question.
+    vocab = [w for w in _vocabulary() if w not in re.findall(r"[a-z]+", query.question + query.answer_prefix)]
+    words = rng.sample(vocab, len(vocab))
+    common, rare = words[:CWE_NUM_COMMON], words[CWE_NUM_COMMON:]
+    # RULER's 30 vs 3 repeats need ~4k tokens; shorter lists scale the common repeats down.
+    entries_guess = target // 6
+    repeats_common, repeats_rare = (30, 3) if entries_guess >= 600 else (max(2, entries_guess // 20), 1)
+    shuffle_seed = rng.random()
+
+    def numbered_list(n_rare: int) -> str:
+        entries = common * repeats_common + rare[:n_rare] * repeats_rare
+        random.Random(shuffle_seed).shuffle(entries)
+        return " ".join(f"{i}. {w}" for i, w in enumerate(entries, 1))
+
+    guess = (entries_guess - CWE_NUM_COMMON * repeats_common) // repeats_rare
+    render = _with_preamble(PREAMBLES["common_words"], numbered_list)
+    context = _fit(render, tokenizer, target, guess, max_units=len(rare), task="common_words")
+    return Sample("common_words", context, query.question, common, MAX_NEW_TOKENS["common_words"], query.answer_prefix)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def make_samples(task: str, tokenizer: Any, context_tokens: int, n: int, seed: int = 0) -> list[Sample]:
+    """n samples of `task` whose contexts are context_tokens (+-5%) long; same arguments, same samples."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    _check_int("context_tokens", context_tokens, 1)
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"tokenizer must have an encode(text, add_special_tokens=False) method, got {tokenizer!r}")
+    samples = []
+    for i in range(n):
+        # One generator per sample (string seeds hash stably): sample i does not depend on the others.
+        rng = random.Random(f"{task}/{seed}/{i}")
+        if task == "common_words":
+            samples.append(_common_words_sample(rng, tokenizer, context_tokens))
+        else:
+            depth = i / (n - 1) if n > 1 else 0.5
+            samples.append(_needle_sample(task, rng, depth, tokenizer, context_tokens))
+    return samples
+
+
+def _contains_word(text: str, answer: str) -> bool:
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
+
+
+def score(sample: Sample, generated_text: str) -> float:
+    """Fraction of the required answers found in the output (RULER's string_match_all).
+
+    Stricter than RULER's plain substring test: an answer must stand as a whole word, so "123456"
+    does not count as found inside "1234567".
+    """
+    return sum(_contains_word(generated_text, a) for a in sample.answers) / len(sample.answers)
