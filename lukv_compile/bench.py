@@ -161,6 +161,6 @@ def add_bench(sub) -> None:
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192])
     p.add_argument("--compression", type=float, default=0.8)
     p.add_argument("--steps", type=int, default=20, help="decode steps per context (2 warm-up)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable A/B timing on shared CPUs)")
     p.add_argument("--json", help="also write the results to this file")
     p.set_defaults(func=run_bench)
