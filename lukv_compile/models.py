@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +192,3 @@ def config_fingerprint(config: Any) -> str:
     fields = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def clear_cache(name: str) -> None:
-    """Delete the cached plain folder of `name` so the next load rebuilds it from the GGUF."""
-    shutil.rmtree(cache_dir(name), ignore_errors=True)
