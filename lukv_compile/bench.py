@@ -40,7 +40,7 @@ def passkey_prompt(tokenizer, context_tokens: int) -> tuple[str, list[str]]:
     from lukv_compile.eval.tasks import make_samples
 
     sample = make_samples("passkey", tokenizer, context_tokens, 1)[0]
-    return sample.context + sample.question, sample.answers
+    return f"{sample.context}\n\n{sample.question}\n{sample.answer_prefix}", sample.answers
 
 
 def run_demo(args) -> None:
@@ -52,7 +52,7 @@ def run_demo(args) -> None:
     profile = shipped_profile(model)
     model.compile(backend="lukv", options={"profile": profile, "compression": args.compression, "inner": args.inner})
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
     seconds = time.perf_counter() - start
     answer = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     tokens = out.sequences.shape[1] - 1
