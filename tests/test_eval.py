@@ -146,9 +146,11 @@ def test_write_results_keeps_text_around_the_generated_block(tmp_path):
 
 
 def test_plots_are_pngs(tmp_path):
-    report.plot_accuracy(fake_rows(), tmp_path / "acc.png")
+    report.plot_accuracy(fake_rows(), tmp_path / "acc.png")  # one ratio: bars
+    two_ratios = fake_rows() + [Row("snapkv", 0.5, "passkey", 1024, 1.0, 2, 500.0, 0.5, 35.0)]
+    report.plot_accuracy(two_ratios, tmp_path / "lines.png")
     report.plot_budgets(Profile.pyramid(4, 2), tmp_path / "budgets.png")
-    for name in ("acc.png", "budgets.png"):
+    for name in ("acc.png", "lines.png", "budgets.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

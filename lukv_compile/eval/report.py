@@ -82,6 +82,14 @@ def plot_accuracy(rows: list[Row], path: str | Path) -> None:
     groups = _groups(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (length, runs) in zip(axes[0], groups.items(), strict=True):
+        if len({c for m, c in runs if m != "full"}) <= 1:  # one ratio: lines would be dots on top of each other
+            names = [m for m, _ in runs]
+            ax.bar(names, [mean_score(by_task) for by_task in runs.values()], color="tab:blue")
+            ax.set_title(f"context {length} tokens, compression {max(c for _, c in runs):g}")
+            ax.set_ylabel("mean score")
+            ax.set_ylim(0, 1.02)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+            continue
         curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for (method, compression), by_task in runs.items():
             curves[method].append((compression, mean_score(by_task)))
@@ -96,7 +104,8 @@ def plot_accuracy(rows: list[Row], path: str | Path) -> None:
         ax.set_ylabel("mean score")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
