@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lukv_compile.bench import add_bench, add_demo
+from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, SCORERS, Profile, ProfileError, check_compression, check_scorer
 
 DTYPES = ("float32", "bfloat16")
@@ -266,7 +267,7 @@ def run_inspect(args) -> None:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = (add_profile, add_solve, add_inspect, add_demo, add_bench)
+COMMANDS = (add_profile, add_solve, add_inspect, eval_command.add_parser, add_demo, add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
