@@ -191,7 +191,13 @@ class LUKVCache(Cache):
 
 
 def full_cache_nbytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of an uncompressed cache (every layer, every KV head, `tokens` positions), for ratios."""
+    """Bytes of transformers' uncompressed cache holding `tokens` positions, for ratios.
+
+    Every KV head of every layer; sliding-window layers (Gemma 3) hold at most their window, as
+    transformers' own caches do.
+    """
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None) or tokens
+    held = sum(min(tokens, window) if kind == "sliding" else tokens for kind in layer_kinds(config))
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * tokens * head_dim_of(config) * element
+    return 2 * batch * config.num_key_value_heads * held * head_dim_of(config) * element
