@@ -169,16 +169,10 @@ class LUKVCache(Cache):
                 layer.allocate(budgets[:, i], max_new_tokens, self.head_dim, dtype, torch.device(device))
             else:
                 self.layers[i] = StaticSlidingWindowLayer(length + max_new_tokens, self.sliding_window)
-        self.prompt_shape = (batch, length)
 
     @property
     def is_prepared(self) -> bool:
         return all(layer.is_initialized for layer in self.layers if isinstance(layer, RaggedLayer))
-
-    def room(self) -> int:
-        """Decode tokens each head still has room for."""
-        ragged = [layer for layer in self.layers if isinstance(layer, RaggedLayer) and layer.is_initialized]
-        return min(int((layer.seg_cap - layer.seg_len).min()) for layer in ragged) if ragged else 0
 
     def nbytes(self) -> int:
         """Bytes held by the cache: keys, values and metadata of every layer."""

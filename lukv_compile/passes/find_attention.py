@@ -31,9 +31,6 @@ class AttentionSite:
     def query(self) -> fx.Node:
         return self.sdpa.args[0]
 
-    def kwarg(self, name: str, default=None):
-        return self.sdpa.kwargs.get(name, default)
-
     @property
     def layer_idx(self) -> int:
         return self.marker.args[10]
