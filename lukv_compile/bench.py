@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,17 +21,17 @@ from lukv_compile.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.kernels import reference
 from lukv_compile.profile import Profile
 
-SHIPPED_PROFILE = "smollm2-135m-instruct-snapkv.safetensors"
-
 
 def shipped_profile(model) -> Profile:
-    """The LU-KV SnapKV profile shipped for SmolLM2; uniform SnapKV for any other model (said aloud)."""
-    path = resources.files("lukv_compile") / "profiles" / SHIPPED_PROFILE
-    config = model.config
-    if path.is_file() and config.num_hidden_layers == 30 and config.num_key_value_heads == 3:
-        return Profile.load(Path(str(path)))
-    print(f"no shipped profile for this model: using the uniform SnapKV allocation ({path.name} not found)")
-    return Profile.uniform(config.num_hidden_layers, config.num_key_value_heads)
+    """The LU-KV SnapKV profile shipped for this model; uniform SnapKV when there is none (said aloud)."""
+    from lukv_compile.eval.methods import ProfileMissingError, layers_and_heads
+    from lukv_compile.eval.methods import shipped_profile as lukv_profile
+
+    try:
+        return lukv_profile(model, "snapkv")
+    except ProfileMissingError as e:
+        print(f"{e}: using the uniform SnapKV allocation")
+        return Profile.uniform(*layers_and_heads(model))
 
 
 def passkey_prompt(tokenizer, context_tokens: int) -> tuple[str, list[str]]:
