@@ -192,3 +192,13 @@ def config_fingerprint(config: Any) -> str:
     fields = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every token id that ends a generation: the model's generation config and the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(sorted(set(ids)))

@@ -18,6 +18,7 @@ import torch
 from lukv_compile.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.eval.methods import ProfileMissingError, make_cache, parse_methods
 from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
+from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import check_compression
 
 PROMPT_FORMATS = ("chat", "plain")
@@ -76,11 +77,6 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return Prompt(torch.tensor([context_ids]), tokenizer.encode(question, add_special_tokens=False),
                   sample.max_new_tokens)
-
-
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
 @torch.no_grad()
@@ -169,7 +165,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     # Every (context length, method) has its own storage sizes, so expect a recompile for each.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     runs = method_runs(methods, compressions)
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = set(eos_token_ids(model, tokenizer))
     bar = _progress(len(context_tokens) * len(tasks) * len(runs) * samples, progress)
     rows = []
     for length in context_tokens:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from lukv_compile import solver
+from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, Profile, check_scorer
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import oracle_importance, record_prefill
@@ -105,14 +106,6 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(sorted(set(ids)))
-
-
 def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAULT_SINK, window: int | None = None,
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
                     context_tokens: int = 4096, num_questions: int | None = None, scope: str = "global",
@@ -139,7 +132,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     sums = {s: np.zeros((NUM_RATIOS, record.num_layers, record.num_kv_heads)) for s in scorers}
     curves = {s: {} for s in scorers}
     steps = 0
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     mine = range(rank, len(calib.question_ids), world)
     for i in tqdm(mine, desc="profiling questions", disable=not progress or rank != 0):
         result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos)
