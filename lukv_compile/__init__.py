@@ -1,14 +1,15 @@
 """lukv-compile: LU-KV per-head KV-cache eviction as a torch.compile backend with real ragged storage.
 
-    model.compile(backend="lukv", options={"profile": profile, "compression": 0.8})
-    model.generate(...)
+    compiled = torch.compile(model, backend="lukv", options={"profile": profile, "compression": 0.8})
+    compiled.generate(...)
 """
 
-from lukv_compile import backend, generation
-from lukv_compile.cache import LUKVCache, full_cache_nbytes
+from lukv_compile import backend, hooks
+from lukv_compile.cache import LUKVCache, LUKVCacheError, full_cache_nbytes
 from lukv_compile.profile import Profile, ProfileError
+from lukv_compile.settings import LUKVSettings
 
 backend.register()
-generation.install()
+hooks.install()
 
-__all__ = ["LUKVCache", "Profile", "ProfileError", "full_cache_nbytes"]
+__all__ = ["LUKVCache", "LUKVCacheError", "LUKVSettings", "Profile", "ProfileError", "full_cache_nbytes"]

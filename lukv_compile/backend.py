@@ -1,4 +1,10 @@
-"""The `lukv` torch.compile backend: rewrite cache-backed attention, then hand off to an inner compiler."""
+"""The `lukv` torch.compile backend: rewrite cache-backed attention, then hand off to an inner compiler.
+
+The backend only chooses the inner compiler (`inner`); the policy options travel with the cache
+(settings.py). torch.compile hands it `options=` as given; they were already validated when
+`torch.compile` / `model.compile` was called (hooks.py), and are validated again here for callers that
+reach the backend another way.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,19 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from lukv_compile.kernels import ops  # noqa: F401  (registers the lukv:: ops)
-from lukv_compile.options import parse_options
 from lukv_compile.passes import rewrite_attention
+from lukv_compile.settings import LUKVSettings
 
 
 def lukv_backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], *, mode: str | None = None,
                  options: dict | None = None):
-    """torch.compile backend. `options`: see lukv_compile.options.ALLOWED; `mode` goes to inductor."""
-    settings = parse_options(options)
+    """torch.compile backend. `options`: see lukv_compile.settings.LUKVSettings; `mode` goes to inductor."""
+    inner = LUKVSettings.from_options(options).inner
     rewrite_attention(gm)
     counters["lukv"]["graphs_compiled"] += 1
-    if settings.inner == "eager":
+    if inner == "eager":
         return gm.forward
-    if settings.inner == "aot_eager":
+    if inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager(gm, example_inputs)

@@ -1,196 +1,300 @@
 """LUKVCache: a transformers `Cache` whose layers hold each KV head's kept tokens and nothing else.
 
-A compressible layer is a `RaggedLayer`: one flat `[S, D]` key and value tensor holding every
-(batch row, KV head) segment back to back, each segment sized to that head's budget plus room for the
-decode tokens, with per-head start/length tensors (layout: docs/architecture.md). Shapes are fixed
-once the prompt is known, so a compiled decode step never recompiles; appending a token writes one
-slot per head. Sliding-window layers (Gemma 3) are not compressed: they use transformers' own
-`StaticSlidingWindowLayer`, which is exact and already bounded.
+A compressible layer is a `RaggedLayer`. Inside a compiled forward its `update()` only returns a
+`lukv::cache_marker`; the backend turns each marked attention into one `lukv::attend` op, which calls
+back into the layer (`RaggedLayer.attend`) with the chunk's queries, keys and values. The layer's
+storage (storage.py), its counters and the settings live here, outside the graph, so:
+  - nothing needs sizing up front (no `prepare()`): storage grows as tokens arrive;
+  - the model reads the sequence length as a host int (`get_seq_length`), never as a tensor an op mutates;
+  - scorer, budgets, compression and eviction points are read at run time: changing them never recompiles.
 
-The cache is sized by `prepare()` (generate calls it; hand-written loops call it once per prompt).
-Eviction itself happens in the compiled graph: the `lukv` backend rewrites each attention that reads
-a `RaggedLayer` into prefill-then-evict / append-then-ragged-attention ops.
+Sliding-window layers (Gemma 3, Mistral/Phi-3 configs with `sliding_window`) are not compressed: they
+use transformers' own `DynamicSlidingWindowLayer`, which is exact and already bounded.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from lukv_compile.budgets import POLICIES, keep_counts
+from lukv_compile import handles
+from lukv_compile.budgets import keep_counts
+from lukv_compile.eviction import Candidates, evict
 from lukv_compile.kernels import ops  # noqa: F401  (registers the lukv:: ops)
-from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, Profile, check_compression, check_scorer
+from lukv_compile.kernels.reference import segment_attention
+from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, Profile, ProfileError
+from lukv_compile.settings import LUKVSettings
+from lukv_compile.storage import RaggedStore
+
+log = logging.getLogger("lukv_compile")
+_reported: set[str] = set()
+DECODE_SLACK = 64  # evict="always": a head is compressed back to its budget once it holds this many more tokens
+
+
+def report_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.warning(message)
+
+
+class LUKVCacheError(RuntimeError):
+    """The cache was used in a way it cannot serve (raised before anything is changed)."""
+
+
+def chunk_real_counts(attn_mask: torch.Tensor | None, is_causal: bool, batch: int, chunk: int,
+                      layer_idx: int) -> np.ndarray:
+    """Real (non-padding) tokens per row of a query chunk, from the attention's own mask.
+
+    Accepts exactly what transformers builds for a cache whose keys are the chunk itself: no mask (every
+    token real, causal when chunk > 1), or a [B, 1 | Hq, C, C] mask that is causal and hides left padding.
+    Anything else (a custom mask, bidirectional attention, padding on the right) would be served wrongly,
+    so it raises.
+    """
+    if attn_mask is None:
+        if chunk > 1 and not is_causal:
+            raise LUKVCacheError(f"lukv: layer {layer_idx} got non-causal attention over {chunk} new tokens; "
+                                 "only causal attention can be served from a compressed cache")
+        return np.full(batch, chunk, dtype=np.int64)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    if allowed.dim() != 4 or allowed.shape[-2:] != (chunk, chunk):
+        raise LUKVCacheError(f"lukv: layer {layer_idx} got an attention mask of shape {tuple(attn_mask.shape)}; "
+                             f"expected [batch, 1, {chunk}, {chunk}] (causal over the new tokens)")
+    allowed = allowed.expand(batch, -1, -1, -1)
+    counts = allowed[:, 0, -1, :].sum(dim=-1).cpu().numpy().astype(np.int64)
+    index = torch.arange(chunk, device=allowed.device)
+    real = index[None, :] >= torch.as_tensor(chunk - counts, device=allowed.device)[:, None]  # [B, C]
+    expected = (index[None, :] <= index[:, None])[None] & real[:, None, :]
+    if not torch.equal(allowed, expected[:, None].expand_as(allowed)):
+        raise LUKVCacheError(f"lukv: layer {layer_idx} got an attention mask that is not causal with left padding "
+                             "(a custom mask, or padding on the right); LU-KV cannot serve it from a compressed "
+                             "cache")
+    return counts
 
 
 class RaggedLayer(CacheLayerMixin):
-    """One layer's ragged per-head storage (see kernels/reference.py for the tensor contract)."""
+    """One compressible layer: ragged per-head storage plus the sequence counters (see module docstring)."""
 
-    is_compileable = False  # keeps generate from auto-compiling with inductor and 4D-mask building
+    is_compileable = False  # keeps generate from auto-compiling its own way
     is_sliding = False
 
-    def __init__(self, layer_idx: int, scorer: str, sink: int, window: int, adaptive: bool):
+    def __init__(self, cache: LUKVCache, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.scorer, self.sink, self.window, self.adaptive = layer_idx, scorer, sink, window, adaptive
-        self.room = 0
+        self.settings, self.profile = cache.settings, cache.profile
+        self.handle, self.layer_idx = cache.handle, layer_idx
+        self.num_kv_heads = cache.num_kv_heads
+        self.store: RaggedStore | None = None
+        self.seen = 0  # positions consumed, padding included: the next token's position
+        self.real_tokens = np.zeros(0, dtype=np.int64)  # [B] real tokens each row has had (its context length)
+        self.is_initialized = True
+
+    # ---- transformers' layer API (traced by Dynamo: no data-dependent code, no errors here)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("LUKVCache is not prepared: call cache.prepare(attention_mask, max_new_tokens) "
-                           "before the first forward (generate() does this for you)")
-
-    def allocate(self, budget: np.ndarray, room: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        """Size the storage for keep counts `budget` [B, H] plus `room` decode tokens per head."""
-        b, h = budget.shape
-        cap = torch.as_tensor(budget + room, dtype=torch.int32).flatten()
-        slots = int(cap.sum())
-        self.keys = torch.zeros(slots, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(slots, head_dim, dtype=dtype, device=device)
-        self.positions = torch.full((slots,), -1, dtype=torch.int32, device=device)
-        self.seg_start = (cap.cumsum(0) - cap).long().view(b, h).to(device)
-        self.seg_len = torch.zeros(b, h, dtype=torch.int32, device=device)
-        self.seg_cap = cap.view(b, h).to(device)
-        self.budget = torch.as_tensor(budget, dtype=torch.int32, device=device)
-        self.seen = torch.zeros(1, dtype=torch.int64, device=device)
-        self.room, self.device, self.is_initialized = room, device, True
+        pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return torch.ops.lukv.cache_marker(
-            key_states, value_states, self.keys, self.values, self.positions, self.seg_start, self.seg_len,
-            self.seg_cap, self.budget, self.seen,
-            self.layer_idx, self.scorer, self.sink, self.window, self.adaptive, self.room,
-        )
+        return torch.ops.lukv.cache_marker(key_states, value_states, self.handle, self.layer_idx)
 
-    def get_seq_length(self):
-        if not self.is_initialized:
-            return 0
-        # A tensor while tracing (a Python int would be baked into the graph and recompile every step).
-        return self.seen[0] if torch.compiler.is_compiling() else int(self.seen[0])
+    def get_seq_length(self) -> int:
+        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The rewritten ops track lengths themselves; the model's mask is only read at prefill.
-        return query_length, 0
+        # The attention mask covers the new tokens only (kv positions [seen, seen + query_length)): what the
+        # kept tokens may see is the cache's business, and the mask keeps telling us the chunk's padding.
+        return query_length, self.seen
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
+        self.store, self.seen = None, 0
+        self.real_tokens = np.zeros(0, dtype=np.int64)
 
-    def tensors(self) -> list[torch.Tensor]:
-        if not self.is_initialized:
-            return []
-        return [self.keys, self.values, self.positions, self.seg_start, self.seg_len, self.seg_cap, self.budget,
-                self.seen]
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        rows = beam_idx.cpu().numpy()
+        if self.store is not None:
+            self.store.select_rows(rows)
+        self.real_tokens = self.real_tokens[rows]
+
+    def crop(self, max_length: int) -> None:
+        raise LUKVCacheError("LUKVCache cannot drop tokens it has already compressed (assisted / speculative "
+                             "decoding rolls the cache back); generate without an assistant model")
+
+    # ---- run time, called by the lukv::attend op
+
+    def budget(self, real_tokens: np.ndarray) -> np.ndarray:
+        """Keep counts [B, H] of this layer for contexts of `real_tokens` [B] tokens."""
+        protected = self.profile.sink + self.profile.window
+        return keep_counts(self.profile, self.settings.compression, real_tokens, protected)[:, self.layer_idx]
+
+    def eviction_due(self, was_empty: bool, chunk: int, length: np.ndarray, budget: np.ndarray) -> bool:
+        """Whether heads holding `length` [B, H] tokens are compressed to `budget` after this chunk."""
+        if (length <= budget).all():
+            return False  # nothing over budget (compression 0, short contexts)
+        when = self.settings.evict
+        if was_empty or (chunk > 1 and when in ("turn", "always")):
+            return True
+        return when == "always" and bool((length - budget >= DECODE_SLACK).any())
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               is_causal: bool, scale: float) -> torch.Tensor:
+        """Attention of a chunk of C new tokens over the kept tokens and the chunk; then evict if due."""
+        b, h, c, d = k.shape
+        counts = chunk_real_counts(attn_mask, is_causal, b, c, self.layer_idx)
+        if self.store is None:
+            self.store = RaggedStore(b, h, d, k.dtype, k.device)
+            self.real_tokens = np.zeros(b, dtype=np.int64)
+        elif self.store.batch != b:
+            raise LUKVCacheError(f"lukv: layer {self.layer_idx} holds {self.store.batch} sequences but got a batch of "
+                                 f"{b}; call cache.reset() before a new batch")
+        store, first = self.store, self.seen
+        real_tokens = self.real_tokens + counts
+        budget = self.budget(real_tokens)
+        evict_step = dict(q=q, budget=budget, scorer=self.profile.scorer, sink=self.profile.sink,
+                          window=self.profile.window, adaptive=self.settings.policy == "adakv", scale=scale)
+        if store.num_tokens == 0:
+            # The prompt: exact attention over it; the budget is kept straight from it (never stored whole).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+                                                 scale=scale, enable_gqa=True)
+            if self.eviction_due(True, c, np.broadcast_to(counts[:, None], (b, h)), budget):
+                evict(store, Candidates.from_chunk(k, v, counts, first), **evict_step)
+            else:
+                store.append(k, v, counts, first)
+        else:
+            store.append(k, v, counts, first)
+            out = self.attend_stored(q, counts, scale)
+            if self.eviction_due(False, c, store.length, budget):
+                evict(store, Candidates.from_store(store), **evict_step)
+        self.seen, self.real_tokens = first + c, real_tokens
+        return out.contiguous()
+
+    def attend_stored(self, q: torch.Tensor, counts: np.ndarray, scale: float) -> torch.Tensor:
+        store = self.store
+        if q.is_cuda and q.shape[2] == 1:
+            from lukv_compile.kernels.triton_decode import triton_decode_attention
+
+            return triton_decode_attention(q, store.keys, store.values, *store.device_metadata(), scale)
+        return segment_attention(q, store.keys, store.values, store.start, store.length, counts, scale)
+
+    # ---- inspection
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
-        """For inspection and tests: per batch row and KV head, the original positions it holds."""
-        b, h = self.seg_len.shape
-        return [[self.positions[int(self.seg_start[i, j]):int(self.seg_start[i, j] + self.seg_len[i, j])]
-                 for j in range(h)] for i in range(b)]
+        """Per batch row and KV head, the original positions of the tokens it holds."""
+        if self.store is None:
+            return []
+        return [[self.store.head_positions(b, h) for h in range(self.store.heads)] for b in range(self.store.batch)]
+
+    def nbytes(self) -> int:
+        return 0 if self.store is None else self.store.nbytes()
 
 
 def layer_kinds(config) -> list[str]:
-    """'ragged' for layers LU-KV compresses, 'sliding' for sliding-window layers it leaves exact."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return ["sliding" if kind == "sliding_attention" else "ragged" for kind in layer_types]
+    """'ragged' for layers LU-KV compresses, 'sliding' for sliding-window layers it leaves exact.
+
+    With `layer_types`, its sliding layers; without, every layer slides when `sliding_window` is set
+    (Mistral, Phi-3: their masks slide on every layer). Other layer types are refused.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+        return ["sliding" if sliding else "ragged"] * config.num_hidden_layers
+    kinds = {"full_attention": "ragged", "sliding_attention": "sliding"}
+    unknown = sorted({t for t in layer_types if t not in kinds})
+    if unknown:
+        raise ValueError(f"LUKVCache does not support layer type(s) {', '.join(unknown)}; it serves "
+                         f"{', '.join(kinds)}")
+    return [kinds[t] for t in layer_types]
 
 
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 class LUKVCache(Cache):
     """KV cache with LU-KV per-head budgets and real ragged storage.
 
     Args:
-        config: the model's (text) config.
-        profile: a `Profile` (LU-KV solved, or uniform / pyramid); default: uniform for `scorer`.
-        compression: fraction of the context's KV entries removed, in [0, 1); 0.8 keeps 20%.
-        scorer: token scorer; must match the profile's.
-        sink, window: protected first / last tokens; must match the profile's.
-        policy: "lukv" (use the profile) or "adakv" (per-layer totals from the profile, split over the
-            heads at run time from the scores).
+        config: the model's config.
+        settings: a `LUKVSettings`; or give its fields as keywords (profile, compression, scorer, sink,
+            window, policy, evict, allow_other_model), validated the same way as the backend's options.
+
+    `profile` None means uniform budgets for `scorer` (default snapkv). A profile made for another model
+    (shape, or config fingerprint when the profile records one) is refused unless `allow_other_model=True`.
     """
 
-    def __init__(self, config, profile: Profile | None = None, compression: float = 0.8, scorer: str | None = None,
-                 sink: int | None = None, window: int | None = None, policy: str = "lukv"):
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        self.compression = check_compression(compression)
-        if policy not in ("lukv", "adakv"):
-            raise ValueError(f"LUKVCache policy must be 'lukv' or 'adakv' (other policies are profiles: "
-                             f"{', '.join(POLICIES)}), got {policy!r}")
+    def __init__(self, config, settings: LUKVSettings | None = None, **kwargs):
+        if settings is not None and kwargs:
+            raise ValueError(f"give LUKVCache either settings= or keyword options, not both ({', '.join(kwargs)})")
+        settings = settings if settings is not None else LUKVSettings(**kwargs)
+        config = text_config(config)
+        self.settings = settings
         self.kinds = layer_kinds(config)
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        self.sliding_window = getattr(config, "sliding_window", None)
-        self.profile = self.resolve_profile(profile, scorer, sink, window)
-        self.profile.check_model(len(self.kinds), self.num_kv_heads)
-        p = self.profile
-        layers = [RaggedLayer(i, p.scorer, p.sink, p.window, policy == "adakv") if kind == "ragged"
-                  else StaticSlidingWindowLayer(self.sliding_window, self.sliding_window)
+        self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
+        self.handle = handles.new_handle(self)
+        layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
                   for i, kind in enumerate(self.kinds)]
         super().__init__(layers=layers)
-        self.policy = policy
-
-    def resolve_profile(self, profile: Profile | None, scorer: str | None, sink: int | None,
-                        window: int | None) -> Profile:
-        if profile is None:
-            scorer = check_scorer(scorer or "snapkv")
-            window = DEFAULT_WINDOW[scorer] if window is None else window
-            sink = DEFAULT_SINK if sink is None else sink
-            return Profile.uniform(len(self.kinds), self.num_kv_heads, scorer=scorer, sink=sink, window=window)
-        asked = {"scorer": scorer, "sink": sink, "window": window}
-        made = {"scorer": profile.scorer, "sink": profile.sink, "window": profile.window}
-        clash = {k: (asked[k], made[k]) for k in asked if asked[k] is not None and asked[k] != made[k]}
-        if clash:
-            detail = ", ".join(f"{k}={a!r} but the profile was made with {m!r}" for k, (a, m) in clash.items())
-            raise ValueError(f"settings do not match the profile: {detail}")
-        return profile
-
-    def prepare(self, attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                max_new_tokens: int = 64, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> None:
-        """Size every layer for one prompt batch ([B, T] mask or ids) plus `max_new_tokens` decode tokens."""
-        if attention_mask is None and input_ids is None:
-            raise ValueError("prepare() needs the prompt's attention_mask or input_ids")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        shape_source = attention_mask if attention_mask is not None else input_ids
-        batch, length = shape_source.shape
-        lengths = (attention_mask.sum(-1).cpu().numpy() if attention_mask is not None
-                   else np.full(batch, length))
-        budgets = keep_counts(self.profile, self.compression, lengths, self.profile.sink + self.profile.window)
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, RaggedLayer):
-                layer.allocate(budgets[:, i], max_new_tokens, self.head_dim, dtype, torch.device(device))
-            else:
-                self.layers[i] = StaticSlidingWindowLayer(length + max_new_tokens, self.sliding_window)
-
-    @property
-    def is_prepared(self) -> bool:
-        return all(layer.is_initialized for layer in self.layers if isinstance(layer, RaggedLayer))
+        if "ragged" not in self.kinds:
+            report_once(f"lukv: every layer of this {getattr(config, 'model_type', 'model')} uses sliding-window "
+                        f"attention (sliding_window={config.sliding_window}); they stay exact and nothing is "
+                        "compressed")
 
     def nbytes(self) -> int:
         """Bytes held by the cache: keys, values and metadata of every layer."""
         total = 0
         for layer in self.layers:
-            tensors = layer.tensors() if isinstance(layer, RaggedLayer) else [
-                t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
-            total += sum(t.numel() * t.element_size() for t in tensors)
+            if isinstance(layer, RaggedLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         return total
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+
+def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_heads: int) -> Profile:
+    """The profile the settings name (uniform when none), checked against the model and the settings."""
+    from lukv_compile.models import config_fingerprint
+
+    profile = settings.profile
+    if profile is None:
+        scorer = settings.scorer or "snapkv"
+        window = DEFAULT_WINDOW[scorer] if settings.window is None else settings.window
+        sink = DEFAULT_SINK if settings.sink is None else settings.sink
+        return Profile.uniform(num_layers, num_kv_heads, scorer=scorer, sink=sink, window=window)
+    asked = {"scorer": settings.scorer, "sink": settings.sink, "window": settings.window}
+    made = {"scorer": profile.scorer, "sink": profile.sink, "window": profile.window}
+    clash = {k: (asked[k], made[k]) for k in asked if asked[k] is not None and asked[k] != made[k]}
+    if clash:
+        detail = ", ".join(f"{k}={a!r} but the profile was made with {m!r}" for k, (a, m) in clash.items())
+        raise ValueError(f"settings do not match the profile: {detail}")
+    fingerprint = "" if settings.allow_other_model else config_fingerprint(config)
+    try:
+        profile.check_model(num_layers, num_kv_heads, fingerprint)
+    except ProfileError as e:
+        raise ProfileError(f"{e}; pass allow_other_model=True to use it anyway") from None
+    return profile
 
 
 def full_cache_nbytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
     """Bytes of transformers' uncompressed cache holding `tokens` positions, for ratios.
 
-    Every KV head of every layer; sliding-window layers (Gemma 3) hold at most their window, as
-    transformers' own caches do.
+    Every KV head of every layer; sliding-window layers hold at most their window, as transformers'
+    own caches do.
     """
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     window = getattr(config, "sliding_window", None) or tokens
     held = sum(min(tokens, window) if kind == "sliding" else tokens for kind in layer_kinds(config))
     element = torch.empty((), dtype=dtype).element_size()

@@ -1,9 +1,10 @@
-"""Find every SDPA node in a Dynamo graph and the LUKVCache layer (if any) that feeds its K/V.
+"""Match every LUKVCache marker in a Dynamo graph to the one SDPA call its K/V feed, strictly.
 
-Runs before AOT, where each attention is one `scaled_dot_product_attention` call with readable
-kwargs. K/V reach it in one of two GQA forms: KV-headed with `enable_gqa=True`, or expanded by
-transformers' `repeat_kv` (`x[:, :, None]` -> `expand` -> `reshape`). We walk back through that
-expansion to the `lukv::cache_marker` output, which carries the layer's storage tensors.
+Runs before AOT, where each attention is one `scaled_dot_product_attention` call with readable kwargs.
+A marker's two outputs (the layer's new K and V) may reach SDPA only as its key and value, directly
+(`enable_gqa=True`) or through transformers' `repeat_kv` expansion (`x[:, :, None, :, :]` -> `expand` ->
+`reshape`). Any other use (a slice, a transpose, a matmul, a second consumer) would change what the
+attention reads in a way the rewrite cannot honour, so it is an error naming the layer and the op.
 """
 
 from __future__ import annotations
@@ -15,25 +16,43 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from lukv_compile.kernels.ops import MARKER_ARGS
+
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-# Shape-only steps between a cache's K/V and SDPA (repeat_kv, layout fixes).
-SHAPE_METHODS = {"expand", "reshape", "view", "contiguous"}
-SHAPE_FUNCTIONS = {operator.getitem, torch.reshape}
+MARKER_TARGETS = (torch.ops.lukv.cache_marker, torch.ops.lukv.cache_marker.default)
+EXPAND_METHODS = {"expand", "reshape", "view", "contiguous"}
+REPEAT_KV_INDEX = (slice(None), slice(None), None, slice(None), slice(None))  # x[:, :, None, :, :]
+SDPA_KEY, SDPA_VALUE = 1, 2
+
+
+class UnsupportedAttention(RuntimeError):
+    """A cache-backed attention the lukv pass cannot rewrite exactly (raised at compile time)."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A `lukv::cache_marker` call, its arguments read by name (the schema in kernels/ops.py)."""
+
+    node: fx.Node
+
+    def arg(self, name: str):
+        named = dict(zip(MARKER_ARGS, self.node.args, strict=False))
+        return named[name] if name in named else self.node.kwargs[name]
+
+    @property
+    def layer_idx(self) -> int:
+        return self.arg("layer_idx")
 
 
 @dataclass
 class AttentionSite:
     sdpa: fx.Node
-    marker: fx.Node | None  # the lukv::cache_marker call feeding K/V, None if not cache-backed
-    reason: str = ""  # why the site cannot be rewritten ("" = it can)
+    marker: Marker | None  # None: not cache-backed (left exact)
+    chain: tuple[fx.Node, ...] = ()  # nodes between the marker and SDPA, erased by the rewrite
 
     @property
     def query(self) -> fx.Node:
         return self.sdpa.args[0]
-
-    @property
-    def layer_idx(self) -> int:
-        return self.marker.args[10]
 
     @property
     def module_path(self) -> str:
@@ -41,53 +60,89 @@ class AttentionSite:
         return next(reversed(stack.values()))[0] if stack else self.sdpa.name
 
 
-def is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in SDPA_TARGETS
+def is_call(node: fx.Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
 
 
-def is_marker(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (
-        torch.ops.lukv.cache_marker, torch.ops.lukv.cache_marker.default)
-
-
-def marker_output(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """Walk back through shape-only steps; return (marker node, output index) if we reach one."""
-    while isinstance(node, fx.Node):
-        if node.op == "call_function" and node.target is operator.getitem and is_marker(node.args[0]):
-            return node.args[0], node.args[1]
-        shape_step = (node.op == "call_method" and node.target in SHAPE_METHODS) or (
-            node.op == "call_function" and node.target in SHAPE_FUNCTIONS)
-        if not shape_step:
-            return None
-        node = node.args[0]
-    return None
-
-
-def arg(node: fx.Node, index: int, name: str, default=None):
+def sdpa_arg(node: fx.Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
+def is_expansion_step(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in EXPAND_METHODS:
+        return True
+    if is_call(node, (torch.reshape,)):
+        return True
+    return is_call(node, (operator.getitem,)) and node.args[1] == REPEAT_KV_INDEX
+
+
+def describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}{tuple(a if not isinstance(a, fx.Node) else a.name for a in node.args)}"
+
+
+def follow_to_sdpa(start: fx.Node, slot: int, layer_idx: int) -> tuple[fx.Node, list[fx.Node]]:
+    """From a marker output, walk the only allowed path to the SDPA that reads it as key/value."""
+    chain, node = [], start
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            uses = ", ".join(describe(u) for u in users) or "nothing"
+            raise UnsupportedAttention(f"lukv: the cache's {'keys' if slot == SDPA_KEY else 'values'} of layer "
+                                       f"{layer_idx} are used by {uses}; they may only feed one "
+                                       "scaled_dot_product_attention")
+        user = users[0]
+        if is_call(user, SDPA_TARGETS):
+            if sdpa_arg(user, slot, "key" if slot == SDPA_KEY else "value") is not node:
+                raise UnsupportedAttention(f"lukv: layer {layer_idx}'s cache output reaches attention in the wrong "
+                                           f"argument ({describe(user)})")
+            return user, chain
+        if not is_expansion_step(user) or user.args[0] is not node:
+            raise UnsupportedAttention(f"lukv: layer {layer_idx}'s cached K/V go through {describe(user)} before "
+                                       "attention; only transformers' repeat_kv expansion is understood, so this "
+                                       "attention cannot be served from a compressed cache")
+        chain.append(user)
+        node = user
+
+
+def marker_outputs(marker: fx.Node) -> dict[int, fx.Node]:
+    outputs = {}
+    for user in marker.users:
+        if not is_call(user, (operator.getitem,)) or user.args[1] not in (0, 1):
+            raise UnsupportedAttention(f"lukv: a cache marker is used as a whole by {describe(user)}")
+        outputs[user.args[1]] = user
+    return outputs
+
+
 def unsupported_reason(sdpa: fx.Node) -> str:
-    dropout = arg(sdpa, 4, "dropout_p", 0.0)
+    dropout = sdpa_arg(sdpa, 4, "dropout_p", 0.0)
     if dropout not in (0, 0.0):
         return f"dropout_p={dropout} (eviction is for inference: call model.eval())"
     q = sdpa.args[0].meta.get("example_value")
     if q is None or q.dim() != 4:
-        return "query is not a 4-D [batch, heads, tokens, head_dim] tensor"
+        return "its query is not a 4-D [batch, heads, tokens, head_dim] tensor"
     return ""
 
 
+def match_marker(node: fx.Node) -> AttentionSite:
+    marker = Marker(node)
+    outputs = marker_outputs(node)
+    if set(outputs) != {0, 1}:
+        raise UnsupportedAttention(f"lukv: layer {marker.layer_idx}'s cache returns K and V but only "
+                                   f"{'K' if 0 in outputs else 'V' if 1 in outputs else 'neither'} is used")
+    k_sdpa, k_chain = follow_to_sdpa(outputs[0], SDPA_KEY, marker.layer_idx)
+    v_sdpa, v_chain = follow_to_sdpa(outputs[1], SDPA_VALUE, marker.layer_idx)
+    if k_sdpa is not v_sdpa:
+        raise UnsupportedAttention(f"lukv: layer {marker.layer_idx}'s K and V feed different attention calls")
+    reason = unsupported_reason(k_sdpa)
+    if reason:
+        raise UnsupportedAttention(f"lukv: cannot rewrite attention of layer {marker.layer_idx}: {reason}")
+    return AttentionSite(k_sdpa, marker, (outputs[0], outputs[1], *k_chain, *v_chain))
+
+
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
-    sites = []
-    for node in graph.nodes:
-        if not is_sdpa(node):
-            continue
-        k_src, v_src = marker_output(node.args[1]), marker_output(node.args[2])
-        if k_src is None or v_src is None:
-            sites.append(AttentionSite(node, None, "its K/V do not come from a LUKVCache ragged layer"))
-            continue
-        if k_src[0] is not v_src[0] or (k_src[1], v_src[1]) != (0, 1):
-            sites.append(AttentionSite(node, None, "K and V come from different cache layers"))
-            continue
-        sites.append(AttentionSite(node, k_src[0], unsupported_reason(node)))
+    """Every SDPA in the graph, with its cache marker (None if its K/V do not come from a LUKVCache)."""
+    sites = [match_marker(node) for node in graph.nodes if is_call(node, MARKER_TARGETS)]
+    served = {site.sdpa for site in sites}
+    sites += [AttentionSite(node, None) for node in graph.nodes if is_call(node, SDPA_TARGETS) and node not in served]
     return sites

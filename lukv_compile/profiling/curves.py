@@ -28,7 +28,7 @@ def check_protection(context_len: int, sink: int, window: int) -> int:
 def layer_scores(scorer: str, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
                  scaling: list[float]) -> torch.Tensor:
     """Scores [L, H_kv, T] of `scorer` for every layer of one unpadded prefill (q/k/v [1, H, T, D] per layer)."""
-    valid = torch.ones(1, k[0].shape[2], dtype=torch.bool, device=k[0].device)
+    valid = torch.ones(k[0].shape[:3], dtype=torch.bool, device=k[0].device)
     return torch.stack([scorers.score(scorer, ql, kl, vl, valid, s)[0]
                         for ql, kl, vl, s in zip(q, k, v, scaling, strict=True)])
 
@@ -41,7 +41,7 @@ def eviction_order(scores: torch.Tensor, sink: int, window: int) -> torch.Tensor
     t = scores.shape[-1]
     evictable = check_protection(t, sink, window)
     flat = scores.reshape(1, -1, t)
-    ranked = protect_and_mask(flat, torch.ones(1, t, dtype=torch.bool, device=scores.device), sink, window)[0]
+    ranked = protect_and_mask(flat, torch.ones_like(flat, dtype=torch.bool), sink, window)[0]
     # The runtime keeps a stable descending top-k (select_tokens); its tail is what gets evicted.
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     return order[:, -evictable:].flip(-1).cpu()

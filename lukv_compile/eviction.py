@@ -1,0 +1,63 @@
+"""One eviction step for one layer: score -> budgets -> select -> rebuild the storage at the kept tokens.
+
+Runs inside the `lukv::attend` op when the cache's settings call for it (cache.RaggedLayer.eviction_due).
+The candidates are given right-aligned as [B, H, T] (a prompt with left padding, or `RaggedStore.dense()`),
+so the same step serves the prompt, a new turn, a prefill chunk and a long decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lukv_compile import scorers
+from lukv_compile.budgets import adaptive_keep
+from lukv_compile.kernels.reference import protect_and_mask, select_tokens
+from lukv_compile.storage import RaggedStore
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Tokens a layer may keep, right-aligned per head: keys/values [B, H, T, D], positions/valid [B, H, T]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def from_chunk(cls, k: torch.Tensor, v: torch.Tensor, counts: np.ndarray, first_position: int) -> Candidates:
+        """A chunk [B, H, C, D] whose row b has its counts[b] real tokens at the end (left padding)."""
+        b, h, c, _ = k.shape
+        real = torch.as_tensor(np.arange(c)[None, :] >= (c - counts)[:, None], device=k.device)
+        positions = torch.arange(first_position, first_position + c, device=k.device).expand(b, h, c)
+        return cls(k, v, positions, real[:, None, :].expand(b, h, c))
+
+    @classmethod
+    def from_store(cls, store: RaggedStore) -> Candidates:
+        return cls(*store.dense())
+
+
+def score_candidates(scorer: str, q: torch.Tensor, cand: Candidates, scale: float) -> torch.Tensor:
+    """Scores [B, H, T] of `scorer` (the GPU swaps in Triton SnapKV where the layout allows)."""
+    if q.is_cuda and scorer == "snapkv" and bool((cand.valid == cand.valid[:, :1]).all()):
+        from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores
+
+        return triton_snapkv_scores(q, cand.keys, cand.valid[:, 0], scale)
+    return scorers.score(scorer, q, cand.keys, cand.values, cand.valid, scale)
+
+
+def evict(store: RaggedStore, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
+          window: int, adaptive: bool, scale: float) -> None:
+    """Keep each head's top-budget[b, h] candidates (AdaKV: the row's total, split by score) in `store`.
+
+    The first `sink` and last `window` tokens of each head are always kept; a head never keeps more
+    than it has.
+    """
+    scores = protect_and_mask(score_candidates(scorer, q, cand, scale), cand.valid, sink, window)
+    budget_t = torch.as_tensor(budget, device=scores.device)
+    keep = adaptive_keep(scores, budget_t.sum(dim=-1)) if adaptive else budget_t
+    keep = torch.minimum(keep, cand.valid.sum(dim=-1))
+    store.replace(select_tokens(scores, keep), cand.keys, cand.values, cand.positions)

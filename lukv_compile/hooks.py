@@ -1,0 +1,154 @@
+"""Make every way of compiling with lukv compress, and refuse what it cannot serve before any work.
+
+Two small hooks, installed on import:
+
+1. On `torch.compile(model, backend="lukv", options=...)` and `model.compile(backend="lukv", options=...)`
+   (both go through Dynamo's optimize context), the options are validated at once (a bad option raises
+   from that call) and the model is marked as compiled with lukv.
+2. `generate()` on such a model runs on the compiled forward (for the `torch.compile(model)` form,
+   whose `generate` would otherwise run the original module uncompiled) with a `LUKVCache` built from
+   the options, or the user's own. Everything that can be checked before tracing is checked here:
+   attention implementation, cache type, assisted decoding, use_cache=False, conflicting settings.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch._dynamo.eval_frame import _TorchDynamoContext
+from transformers.generation.utils import GenerationMixin
+
+from lukv_compile import handles
+from lukv_compile.cache import LUKVCache
+from lukv_compile.settings import LUKVSettings
+
+POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name != "inner")
+
+
+@dataclass
+class CompiledWithLUKV:
+    settings: LUKVSettings
+    given: dict  # the options as the user wrote them
+    call: Any = None  # model.compile: the compiled call it installed
+    context: Any = None  # torch.compile(model): the Dynamo context, to compile generate's forward with
+    route: Any = None
+
+
+def lukv_options(context) -> dict | None:
+    """The `options=` of a Dynamo context whose backend is lukv, else None."""
+    backend = context.callback
+    for _ in range(8):
+        if backend is None:
+            return None
+        if getattr(backend, "compiler_name", None) == "lukv":
+            return dict((getattr(backend, "kwargs", None) or {}).get("options") or {})
+        backend = getattr(backend, "_torchdynamo_orig_backend", None) or getattr(
+            backend, "_torchdynamo_orig_callable", None)
+    return None
+
+
+def on_optimize(original):
+    @functools.wraps(original)
+    def __call__(self, fn, *args, **kwargs):
+        options = lukv_options(self)
+        settings = LUKVSettings.from_options(options) if options is not None else None  # raises before any work
+        result = original(self, fn, *args, **kwargs)
+        if settings is not None:
+            mark(fn, result, self, settings, options)
+        return result
+
+    __call__.lukv_wrapped = True
+    return __call__
+
+
+def mark(fn, result, context, settings: LUKVSettings, options: dict) -> None:
+    if isinstance(fn, torch.nn.Module):  # torch.compile(model, ...)
+        fn.__dict__["_lukv_wrapped"] = CompiledWithLUKV(settings, options, context=context)
+    elif getattr(fn, "__func__", None) is torch.nn.Module._call_impl:  # model.compile(...)
+        fn.__self__.__dict__["_lukv_compiled"] = CompiledWithLUKV(settings, options, call=result)
+
+
+def compiled_with_lukv(model) -> CompiledWithLUKV | None:
+    """How `model.generate` must run: compiled in place with lukv, or wrapped by torch.compile with lukv."""
+    compiled = model.__dict__.get("_lukv_compiled")
+    if compiled is not None and model._compiled_call_impl is compiled.call:
+        return compiled
+    wrapped = model.__dict__.get("_lukv_wrapped")
+    if wrapped is not None and model._compiled_call_impl is None:
+        return wrapped
+    return None
+
+
+def check_generate_request(model, plan: CompiledWithLUKV, kwargs: dict) -> None:
+    config = kwargs.get("generation_config") or model.generation_config
+    if kwargs.get("assistant_model") is not None or kwargs.get(
+            "prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None)) is not None:
+        raise ValueError("assisted / prompt-lookup decoding rolls the cache back after rejected drafts, which a "
+                         "compressed cache cannot do; generate without assistant_model / prompt_lookup_num_tokens")
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        raise ValueError("the model is compiled with the lukv backend, which compresses the KV cache; "
+                         "use_cache=False would run without one (compile without lukv for that)")
+    if kwargs.get("cache_implementation") is not None:
+        raise ValueError("cache_implementation cannot be combined with the lukv backend: it builds a LUKVCache")
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    if implementation != "sdpa":
+        raise ValueError(f"the model's attention implementation is {implementation!r}; the lukv backend rewrites "
+                         "scaled_dot_product_attention, so load the model with attn_implementation='sdpa' "
+                         "(or call model.set_attn_implementation('sdpa'))")
+
+
+def cache_for_generate(model, plan: CompiledWithLUKV, cache) -> LUKVCache:
+    if cache is None:
+        return LUKVCache(model.config, settings=plan.settings)
+    if not isinstance(cache, LUKVCache):
+        raise ValueError(f"the model is compiled with the lukv backend but generate() got a {type(cache).__name__}; "
+                         "pass a lukv_compile.LUKVCache or no cache (one is built from the compile options)")
+    clash = {k: (v, getattr(cache.settings, k)) for k, v in plan.given.items()
+             if k in POLICY_FIELDS and getattr(cache.settings, k) != getattr(plan.settings, k)}
+    if clash:
+        detail = ", ".join(f"{k}={given!r} in the compile options but {held!r} in the cache"
+                           for k, (given, held) in clash.items())
+        raise ValueError(f"conflicting lukv settings: {detail}; the cache owns the policy, so drop them from one")
+    return cache
+
+
+def lukv_generate(original):
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        plan = compiled_with_lukv(self)
+        cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
+        cache = kwargs.get(cache_key)
+        if plan is None:
+            if isinstance(cache, LUKVCache):
+                raise ValueError("generate() got a LUKVCache but the model is not compiled with the lukv backend: "
+                                 "call model.compile(backend='lukv', options=...) or use "
+                                 "torch.compile(model, backend='lukv', options=...) first")
+            return original(self, *args, **kwargs)
+        check_generate_request(self, plan, kwargs)
+        kwargs[cache_key] = cache_for_generate(self, plan, cache)
+        if plan.context is None:
+            return original(self, *args, **kwargs)
+        # torch.compile(model): generate() runs on the original module; give it the compiled forward.
+        if plan.route is None:
+            in_place = self.__dict__.get("_lukv_compiled")
+            plan.route = plan.context(self._call_impl)  # (this compile call marks the model: undo that)
+            self.__dict__["_lukv_compiled"] = in_place
+        self._compiled_call_impl = plan.route
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self._compiled_call_impl = None
+
+    generate.lukv_wrapped = True
+    return generate
+
+
+def install() -> None:
+    handles.watch_recompile_limit()
+    if not getattr(_TorchDynamoContext.__call__, "lukv_wrapped", False):
+        _TorchDynamoContext.__call__ = on_optimize(_TorchDynamoContext.__call__)
+    if not getattr(GenerationMixin.generate, "lukv_wrapped", False):
+        GenerationMixin.generate = lukv_generate(GenerationMixin.generate)

@@ -1,0 +1,83 @@
+"""LU-KV settings: the one owner of the eviction policy, built and validated once, before any tracing.
+
+Both routes in end here: the backend's `options={...}` (`torch.compile(model, backend="lukv", options=...)`,
+`model.compile(...)`) and `LUKVCache(config, compression=..., ...)`. The cache carries the settings; the
+compiled ops read them from the cache at run time, so nothing of the policy is baked into a graph and
+changing it never recompiles. The backend itself only reads `inner`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from lukv_compile.profile import SCORERS, Profile
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+CACHE_POLICIES = ("lukv", "adakv")
+# When eviction runs: after the first forward of a sequence (the prompt, the paper's protocol), also after
+# every later multi-token forward (a new turn, a chunk), or also while decoding (a head is compressed
+# back to its budget once it holds DECODE_SLACK tokens more than that).
+EVICTION_POINTS = ("prompt", "turn", "always")
+
+
+def _require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"lukv option {name}={value!r} is not allowed; {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LUKVSettings:
+    """What to evict and when. `None` for scorer/sink/window means "the profile's" (or the scorer's default)."""
+
+    profile: Profile | None = None
+    compression: float = 0.8
+    scorer: str | None = None
+    sink: int | None = None
+    window: int | None = None
+    policy: str = "lukv"
+    evict: str = "prompt"
+    allow_other_model: bool = False
+    inner: str = "inductor"
+
+    def __post_init__(self) -> None:
+        c = self.compression
+        _require(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c < 1.0, "compression", c,
+                 "it must be a number in [0, 1) (0.8 keeps 20%)")
+        object.__setattr__(self, "compression", float(c))
+        _require(self.scorer is None or self.scorer in SCORERS, "scorer", self.scorer,
+                 f"choose one of {', '.join(SCORERS)}")
+        for name in ("sink", "window"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value >= 0), name, value, "it must be an int >= 0")
+        _require(self.policy in CACHE_POLICIES, "policy", self.policy, f"choose one of {', '.join(CACHE_POLICIES)}")
+        _require(self.evict in EVICTION_POINTS, "evict", self.evict, f"choose one of {', '.join(EVICTION_POINTS)}")
+        _require(isinstance(self.allow_other_model, bool), "allow_other_model", self.allow_other_model,
+                 "it must be True or False")
+        _require(self.inner in INNER_COMPILERS, "inner", self.inner, f"choose one of {', '.join(INNER_COMPILERS)}")
+        profile = self.profile
+        if isinstance(profile, (str, Path)):
+            object.__setattr__(self, "profile", Profile.load(profile))
+        else:
+            _require(profile is None or isinstance(profile, Profile), "profile", type(profile).__name__,
+                     "pass a Profile, a path to a profile file, or None (uniform)")
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> LUKVSettings:
+        """Settings from a backend `options=` dict; unknown keys raise, naming the allowed ones."""
+        options = dict(options or {})
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown lukv option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        return cls(**options)
+
+    def with_changes(self, **changes) -> LUKVSettings:
+        return replace(self, **changes)
+
+
+OPTION_NAMES = tuple(f.name for f in fields(LUKVSettings))
