@@ -14,11 +14,12 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.cache import LUKVCache, full_cache_nbytes
-from lukv_compile.kernels import reference
+from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
+from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.profile import Profile
 
 
@@ -45,31 +46,38 @@ def passkey_prompt(tokenizer, context_tokens: int) -> tuple[str, list[str]]:
 def run_demo(args) -> None:
     from lukv_compile.models import load_model
 
+    say(f"loading {args.model} ...")
     model, tokenizer = load_model(args.model)
     prompt, answers = passkey_prompt(tokenizer, args.context)
     inputs = tokenizer(prompt, return_tensors="pt")
     profile = shipped_profile(model)
-    model.compile(backend="lukv", options={"profile": profile, "compression": args.compression, "inner": args.inner})
+    compiled = torch.compile(model, backend="lukv",
+                             options={"profile": profile, "compression": args.compression, "inner": args.inner})
+    say(f"generating from a {inputs.input_ids.shape[1]}-token prompt (the first call compiles; "
+        f"inner compiler {args.inner}) ...")
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    out = compiled.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
     seconds = time.perf_counter() - start
     answer = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     tokens = out.sequences.shape[1] - 1
     full = full_cache_nbytes(model.config, 1, tokens, model.dtype)
     found = all(a in answer for a in answers)
-    print(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}")
-    print(f"answer: {answer.strip()!r}  ({'found' if found else 'missed'} the passkey {', '.join(answers)})")
-    print(f"KV cache: {out.cache.nbytes() / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB uncompressed "
+    say(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}")
+    say(f"answer: {answer.strip()!r}  ({'found' if found else 'missed'} the passkey {', '.join(answers)})")
+    say(f"KV cache: {out.cache.nbytes() / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB uncompressed "
           f"({out.cache.nbytes() / full:.3f}x); generate took {seconds:.1f} s including compilation")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
 
 
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def decode_step(model, cache, token, position: int) -> torch.Tensor:
-    out = model(input_ids=token, position_ids=torch.tensor([[position]]), past_key_values=cache, logits_to_keep=1)
-    return out.logits[:, -1:].argmax(-1)
+def decode_step(model, cache, token) -> torch.Tensor:
+    return model(input_ids=token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
 
 
 def bench_context(model, baseline, tokenizer, profile, context: int, compression: float, steps: int) -> dict:
@@ -77,18 +85,17 @@ def bench_context(model, baseline, tokenizer, profile, context: int, compression
 
     ids = tokenizer(passkey_prompt(tokenizer, context)[0], return_tensors="pt").input_ids[:, -context:]
     cache = LUKVCache(model.config, profile=profile, compression=compression)
-    cache.prepare(input_ids=ids, max_new_tokens=steps + 2, dtype=model.dtype)
     static = StaticCache(config=model.config, max_cache_len=context + steps + 2)
     with torch.no_grad():
-        token = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        base_token = baseline(input_ids=ids, past_key_values=static, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        token = decode_step(model, cache, ids)
+        base_token = decode_step(baseline, static, ids)
         times = {"lukv": [], "full": []}
         for step in range(steps):
             start = time.perf_counter()
-            token = decode_step(model, cache, token, context + step)
+            token = decode_step(model, cache, token)
             times["lukv"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            base_token = decode_step(baseline, static, base_token, context + step)
+            base_token = decode_step(baseline, static, base_token)
             times["full"].append(time.perf_counter() - start)
     warm = {name: t[2:] for name, t in times.items()}  # the first steps compile
     full_bytes = full_cache_nbytes(model.config, 1, context + steps + 2, model.dtype)
@@ -106,18 +113,18 @@ def bench_context(model, baseline, tokenizer, profile, context: int, compression
 def bench_attention(cache: LUKVCache, config, context: int, repeats: int = 15) -> dict:
     """The decode attention op alone over every layer's real ragged storage vs full-cache SDPA, interleaved."""
     hq, h, d = config.num_attention_heads, config.num_key_value_heads, cache.head_dim
-    layers = [layer for layer in cache.layers if hasattr(layer, "seg_len")]
+    stores = [layer.store for layer in cache.layers if isinstance(layer, RaggedLayer)]
     q = torch.randn(1, hq, 1, d)
     k_full, v_full = torch.randn(1, h, context, d), torch.randn(1, h, context, d)
-    scale = d ** -0.5
+    scale, one_token = d ** -0.5, np.ones(1, dtype=np.int64)
     ours, full = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        for layer in layers:
-            reference.decode_attention(q, layer.keys, layer.values, layer.seg_start, layer.seg_len, scale)
+        for store in stores:
+            segment_attention(q, store.keys, store.values, store.start, store.length, one_token, scale)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        for _ in layers:
+        for _ in stores:
             F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
         full.append(time.perf_counter() - start)
     return {"attention_ms_lukv": median_ms(ours), "attention_ms_full_sdpa": median_ms(full),

@@ -237,6 +237,11 @@ class LUKVCache(Cache):
         config = text_config(config)
         self.settings = settings
         self.kinds = layer_kinds(config)
+        if "ragged" not in self.kinds:
+            raise ValueError(f"every layer of this {getattr(config, 'model_type', 'model')} uses sliding-window "
+                             f"attention (sliding_window={config.sliding_window}), which LU-KV leaves exact: there is "
+                             "nothing to compress. If the model attends to its whole context in practice (contexts "
+                             "shorter than the window), set config.sliding_window = None")
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
@@ -244,10 +249,6 @@ class LUKVCache(Cache):
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
                   for i, kind in enumerate(self.kinds)]
         super().__init__(layers=layers)
-        if "ragged" not in self.kinds:
-            report_once(f"lukv: every layer of this {getattr(config, 'model_type', 'model')} uses sliding-window "
-                        f"attention (sliding_window={config.sliding_window}); they stay exact and nothing is "
-                        "compressed")
 
     def nbytes(self) -> int:
         """Bytes held by the cache: keys, values and metadata of every layer."""

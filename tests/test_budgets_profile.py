@@ -94,7 +94,7 @@ def test_adaptive_keep_sums_to_layer_total(b, h, t, seed):
        seed=st.integers(0, 1000))
 def test_selection_keeps_protected_never_padding(t, pad, sink, window, seed):
     g = torch.Generator().manual_seed(seed)
-    valid = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(t, dtype=torch.bool)])[None]
+    valid = torch.cat([torch.zeros(pad, dtype=torch.bool), torch.ones(t, dtype=torch.bool)]).expand(1, 2, -1)
     scores = protect_and_mask(torch.randn(1, 2, pad + t, generator=g), valid, sink, window)
     keep = torch.full((1, 2), min(t, sink + window) + (t - min(t, sink + window)) // 2)
     chosen = select_tokens(scores, keep)
@@ -108,7 +108,7 @@ def test_selection_keeps_protected_never_padding(t, pad, sink, window, seed):
 def test_scorers_shape_and_gqa_granularity(name):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
-    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid = torch.ones(2, 2, 50, dtype=torch.bool)
     s = score(name, q, k, v, valid)
     assert s.shape == (2, 2, 50) and s.dtype == torch.float32 and torch.isfinite(s).all()
     with pytest.raises(ValueError, match="unknown scorer"):
@@ -120,6 +120,6 @@ def test_snapkv_prefers_keys_the_window_attends():
     k = torch.zeros(1, 1, 40, 8)
     q[..., -32:, 0] = 5.0
     k[..., 3, 0] = 5.0  # only token 3 matches the observation window's queries
-    s = score("snapkv", q, k, torch.ones(1, 1, 40, 8), torch.ones(1, 40, dtype=torch.bool))
+    s = score("snapkv", q, k, torch.ones(1, 1, 40, 8), torch.ones(1, 1, 40, dtype=torch.bool))
     assert s[0, 0].argmax() in (0, 1, 2, 3, 4, 5, 6)  # max-pooling spreads it over its neighbours
     assert s[0, 0, 3] > s[0, 0, 20]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -25,11 +26,13 @@ FAMILIES = {
 
 
 def tiny_model(family: str = "llama", layers: int = 2, q_heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-               vocab: int = 128, seed: int = 0):
+               vocab: int = 128, seed: int = 0, **extra):
+    """A random model of `family`; full attention on every layer unless `extra` sets a sliding window."""
     config_cls, model_cls = FAMILIES[family]
+    extra.setdefault("sliding_window", None)  # MistralConfig slides every layer by default (4096)
     config = config_cls(hidden_size=q_heads * head_dim, intermediate_size=64, num_attention_heads=q_heads,
                         num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=layers,
-                        vocab_size=vocab, max_position_embeddings=1024, attn_implementation="sdpa")
+                        vocab_size=vocab, max_position_embeddings=1024, attn_implementation="sdpa", **extra)
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
@@ -53,3 +56,43 @@ def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 0):
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
     return ids.masked_fill(mask == 0, 0), mask
+
+
+class PlainAttentionModel(torch.nn.Module):
+    """A plain PyTorch model (no transformers) that keeps its K/V in a cache with `update(k, v, layer)`."""
+
+    class DenseCache:
+        """The uncompressed reference cache for the same model."""
+
+        def __init__(self):
+            self.kv = {}
+
+        def update(self, k, v, i):
+            if i in self.kv:
+                k, v = torch.cat([self.kv[i][0], k], 2), torch.cat([self.kv[i][1], v], 2)
+            self.kv[i] = (k, v)
+            return k, v
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, layers=2, vocab=64):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.ModuleList(
+            torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim) for _ in range(layers))
+        self.out = torch.nn.Linear(dim, vocab)
+
+    def attention(self, q, k, v, t):
+        # Causal with the new tokens last (SDPA's is_causal aligns top-left, wrong once the cache holds a past).
+        kv = k.shape[2]
+        mask = torch.ones(t, kv, dtype=torch.bool, device=q.device).tril(kv - t)[None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def forward(self, tokens, cache):
+        x = self.embed(tokens)
+        b, t, _ = x.shape
+        for i, proj in enumerate(self.qkv):
+            q, k, v = proj(x).view(b, t, -1, self.head_dim).transpose(1, 2).split(
+                [self.heads, self.kv_heads, self.kv_heads], dim=1)
+            k, v = cache.update(k, v, i)
+            x = x + self.attention(q, k, v, t).transpose(1, 2).reshape(b, t, -1)
+        return self.out(x)

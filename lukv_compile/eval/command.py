@@ -16,7 +16,7 @@ from lukv_compile.eval import report
 from lukv_compile.eval.harness import PROMPT_FORMATS, Row, check_evaluation, evaluate
 from lukv_compile.eval.methods import METHODS, parse_methods
 from lukv_compile.eval.tasks import TASKS
-from lukv_compile.options import INNER_COMPILERS
+from lukv_compile.settings import INNER_COMPILERS
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey,variable_tracking"
 

@@ -1,9 +1,8 @@
 """Accuracy, memory and decode latency of every method from one loop over one compiled model.
 
 The protocol is LU-KV's (task-agnostic compression): prefill the context alone, evict each KV head to
-its budget, and only then read the question, one token per decode step over the kept context (exact
-causal semantics: the question attends to the kept context and to itself), then decode the answer
-greedily. The same step is timed for latency and the same cache is measured for memory.
+its budget, and only then read the question as one forward over the kept context (exact causal
+semantics: the question attends to the kept context and to itself), then decode the answer greedily. The same step is timed for latency and the same cache is measured for memory.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ _CONTEXT_MARK = "\x00CONTEXT\x00"
 @dataclass(frozen=True)
 class Prompt:
     context_ids: torch.Tensor  # [1, T]: prefilled, then compressed
-    question_ids: list[int]  # fed one by one after compression
+    question_ids: list[int]  # one forward after compression
     max_new_tokens: int
 
 
@@ -38,7 +37,7 @@ class Generation:
     tokens: list[int]  # the answer, without the stop token
     kv_bytes: int  # cache.nbytes(): kept keys/values plus the room for the decode tokens plus metadata
     full_bytes: int  # an uncompressed cache for the same number of token slots
-    step_seconds: list[float]  # every single-token forward (question and answer)
+    step_seconds: list[float]  # every single-token forward of the answer
 
 
 @dataclass(frozen=True)
@@ -81,29 +80,22 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
 
 @torch.no_grad()
 def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int]) -> Generation:
-    """Prefill + evict, the question one token at a time, then greedy decoding until a stop token."""
-    context = prompt.context_ids.to(model.device)
-    room = len(prompt.question_ids) + prompt.max_new_tokens
-    cache.prepare(input_ids=context, max_new_tokens=room, dtype=model.dtype, device=model.device)
-    compiled(input_ids=context, past_key_values=cache, logits_to_keep=1)
-    position = context.shape[1]
-    pending, answer, steps = list(prompt.question_ids), [], []
-    while pending:
-        token = pending.pop(0)
+    """Prefill + evict, the question in one forward, then greedy decoding until a stop token."""
+    device = model.device
+    compiled(input_ids=prompt.context_ids.to(device), cache=cache, logits_to_keep=1)
+    question = torch.tensor([prompt.question_ids], device=device)
+    next_token = int(compiled(input_ids=question, cache=cache, logits_to_keep=1).logits[0, -1].argmax())
+    answer, steps = [], []
+    while next_token not in stop_ids and len(answer) < prompt.max_new_tokens:
+        answer.append(next_token)
+        if len(answer) == prompt.max_new_tokens:
+            break
         start = time.perf_counter()
-        logits = compiled(input_ids=torch.tensor([[token]], device=model.device),
-                          position_ids=torch.tensor([[position]], device=model.device), past_key_values=cache).logits
+        logits = compiled(input_ids=torch.tensor([[next_token]], device=device), cache=cache, logits_to_keep=1).logits
         next_token = int(logits[0, -1].argmax())  # .item() syncs, so the step time is the real one
         steps.append(time.perf_counter() - start)
-        position += 1
-        if pending:
-            continue
-        if next_token in stop_ids or len(answer) == prompt.max_new_tokens:
-            break
-        answer.append(next_token)
-        if len(answer) < prompt.max_new_tokens:
-            pending.append(next_token)
-    full = full_cache_nbytes(model.config, 1, context.shape[1] + room, model.dtype)
+    tokens = prompt.context_ids.shape[1] + len(prompt.question_ids) + len(answer)
+    full = full_cache_nbytes(model.config, 1, tokens, model.dtype)
     return Generation(answer, cache.nbytes(), full, steps)
 
 
@@ -162,8 +154,6 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
         print(note)
     if compiled is None:
         compiled = torch.compile(model, backend="lukv", options={"inner": inner})
-    # Every (context length, method) has its own storage sizes, so expect a recompile for each.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     runs = method_runs(methods, compressions)
     stop_ids = set(eos_token_ids(model, tokenizer))
     bar = _progress(len(context_tokens) * len(tasks) * len(runs) * samples, progress)

@@ -92,6 +92,10 @@ def follow_to_sdpa(start: fx.Node, slot: int, layer_idx: int) -> tuple[fx.Node, 
                                        f"{layer_idx} are used by {uses}; they may only feed one "
                                        "scaled_dot_product_attention")
         user = users[0]
+        if user.op == "output":
+            raise UnsupportedAttention(f"lukv: layer {layer_idx}'s cached K/V leave the compiled graph before "
+                                       "attention: a graph break between cache.update() and attention "
+                                       "(TORCH_LOGS=graph_breaks says where); the two must be in one graph")
         if is_call(user, SDPA_TARGETS):
             if sdpa_arg(user, slot, "key" if slot == SDPA_KEY else "value") is not node:
                 raise UnsupportedAttention(f"lukv: layer {layer_idx}'s cache output reaches attention in the wrong "
