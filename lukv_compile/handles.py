@@ -53,10 +53,11 @@ def layer(handle: torch.Tensor, layer_idx: int):
 
 def outside_backend_message(handle: torch.Tensor, layer_idx: int) -> str:
     """Why a cache marker ran eagerly, with what the user can do about it."""
-    start = f"LUKVCache layer {layer_idx} was used outside the lukv backend, so its attention cannot run: "
+    message = (f"LUKVCache layer {layer_idx} was used outside the lukv backend, so its attention cannot run. "
+               "Compile the model with the lukv backend (model.compile(backend='lukv', options=...), or "
+               "compiled = torch.compile(model, backend='lukv', options=...) and call compiled)")
     if RecompileLimitWatch.hit:
-        return start + (f"{RecompileLimitWatch.hit}, so torch.compile ran this forward eagerly. Raise "
-                        "torch._dynamo.config.recompile_limit, or compile fewer variants (TORCH_LOGS=recompiles "
-                        "lists why each recompile happened)")
-    return start + ("the model was not compiled with the lukv backend: use model.compile(backend='lukv', "
-                    "options=...) or compiled = torch.compile(model, backend='lukv', options=...) and call compiled")
+        message += (f". If it is compiled: Dynamo reported \"{RecompileLimitWatch.hit}\" in this process, and then "
+                    "runs forwards eagerly; raise torch._dynamo.config.recompile_limit or compile fewer variants "
+                    "(TORCH_LOGS=recompiles says why each recompile happened)")
+    return message

@@ -23,6 +23,7 @@ NUM_RATIOS = 99
 SCORERS = ("snapkv", "keydiff", "expected_attention", "streaming")
 DEFAULT_WINDOW = {"snapkv": 32, "keydiff": 1, "expected_attention": 1, "streaming": 32}
 DEFAULT_SINK = 4
+REQUIRED_METADATA = ("format_version", "scorer", "sink", "window", "num_layers", "num_kv_heads")
 
 
 class ProfileError(ValueError):
@@ -64,8 +65,10 @@ class Profile:
         if not np.isfinite(self.prune).all() or self.prune.min() < 0 or self.prune.max() >= 1:
             raise ProfileError("prune fractions must be finite and in [0, 1)")
         check_scorer(self.scorer)
-        if self.sink < 0 or self.window < 0:
-            raise ProfileError(f"sink and window must be >= 0, got sink={self.sink} window={self.window}")
+        for name in ("sink", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProfileError(f"profile {name} must be an int >= 0, got {value!r}")
 
     @property
     def num_layers(self) -> int:
@@ -149,15 +152,20 @@ class Profile:
             raise ProfileError(f"{path}: not a lukv profile (missing or bad metadata: {e})") from e
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise ProfileError(f"{path}: corrupt or truncated profile file ({e})") from e
+        if not isinstance(meta, dict):
+            raise ProfileError(f"{path}: its lukv metadata is not a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        missing = [key for key in REQUIRED_METADATA if key not in meta]
+        if missing:
+            raise ProfileError(f"{path}: metadata lacks {', '.join(missing)} (required: {', '.join(REQUIRED_METADATA)})")
         if prune.shape[1:] != (meta["num_layers"], meta["num_kv_heads"]):
             raise ProfileError(f"{path}: tensor shape {prune.shape} does not match its metadata")
         try:
             return cls(prune, scorer=meta["scorer"], sink=meta["sink"], window=meta["window"],
                        model=meta.get("model", {}), fingerprint=meta.get("fingerprint", ""),
                        calibration=meta.get("calibration", ""), scope=meta.get("scope", "global"))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ProfileError(f"{path}: {e}") from e
 
     @classmethod

@@ -1,13 +1,15 @@
-"""Every Triton kernel against its torch reference.
+"""The Triton kernels against their torch references (reference.segment_attention, scorers.snapkv_scores).
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are
-defined); `LUKV_TEST_DEVICE=cuda` runs the same tests on a GPU (benchmarks/gpu_check.sh).
+defined); `LUKV_TEST_DEVICE=cuda` runs the same tests on a GPU (benchmarks/gpu_check.sh). The ragged
+stores are built with `RaggedStore` itself, so the kernels see exactly the layout the cache hands them.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,18 +26,18 @@ tl = pytest.importorskip("triton.language")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_reference_kernels import ragged_cache  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lukv_compile import scorers  # noqa: E402
-from lukv_compile.kernels import reference  # noqa: E402
-from lukv_compile.kernels.triton_compact import triton_compact_into_segments  # noqa: E402
+from lukv_compile.eviction import Candidates, score_candidates  # noqa: E402
+from lukv_compile.kernels.reference import segment_attention, select_tokens  # noqa: E402
 from lukv_compile.kernels.triton_decode import (  # noqa: E402
     _decode_kernel,
     default_num_splits,
     triton_decode_attention,
 )
 from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores  # noqa: E402
+from lukv_compile.storage import RaggedStore  # noqa: E402
 
 
 @triton.jit
@@ -64,41 +66,98 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Outputs are rounded to the input dtype; on GPU fp16/bf16 probabilities also go through the tensor cores.
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=1e-2),
              torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-EXAMPLES = settings(max_examples=25, deadline=None)
+EXAMPLES = settings(max_examples=25 if DEVICE == "cpu" else 100, deadline=None)
+GARBAGE = 50.0  # free slots hold stale finite values; a kernel that reads one is off by about this much
 
 # Segment lengths around the 64-slot tile: empty, single, one under/over a tile, several tiles.
 segment_length = st.one_of(st.sampled_from([0, 1, 63, 64, 65, 130]), st.integers(0, 140))
 gqa_group = st.sampled_from([1, 2, 3, 4, 8])
 
 
+def ragged_store(lengths: np.ndarray, head_dim: int, dtype: torch.dtype, seed: int) -> RaggedStore:
+    """A store on DEVICE whose head (b, h) holds lengths[b, h] tokens, built as the cache builds one.
+
+    A prompt is appended, each head keeps a random subset of the requested size (eviction), and the free
+    slots are then filled with GARBAGE.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b, h = lengths.shape
+    t = max(int(lengths.max()), 1)
+    store = RaggedStore(b, h, head_dim, dtype, torch.device(DEVICE))
+    k, v = torch.randn(2, b, h, t, head_dim, generator=gen).to(dtype).to(DEVICE)
+    store.append(k, v, np.full(b, t, dtype=np.int64), 0)
+    keys, values, positions, valid = store.dense()
+    noise = torch.rand(b, h, t, generator=gen).to(DEVICE)
+    store.replace(select_tokens(noise, torch.as_tensor(lengths, device=DEVICE)), keys, values, positions)
+    assert np.array_equal(store.length, lengths)
+    for row in range(b):
+        for head in range(h):
+            s, n, cap = int(store.start[row, head]), int(store.length[row, head]), int(store.cap[row, head])
+            store.keys[s + n:s + cap], store.values[s + n:s + cap] = GARBAGE, -GARBAGE
+    return store
+
+
+def truth(q: torch.Tensor, store: RaggedStore, scale: float) -> torch.Tensor:
+    """fp32 segment attention on CPU from the same (already rounded) inputs; only the kernel rounds its output."""
+    ones = np.ones(q.shape[0], dtype=np.int64)
+    return segment_attention(q.float().cpu(), store.keys.float().cpu(), store.values.float().cpu(), store.start,
+                             store.length, ones, scale)
+
+
 @EXAMPLES
-@given(st.integers(1, 3), st.integers(1, 2), gqa_group, st.sampled_from([16, 64, 128]), st.sampled_from(DTYPES),
+@given(st.integers(1, 2), st.integers(1, 2), gqa_group, st.sampled_from([16, 64]), st.sampled_from(DTYPES),
        st.sampled_from([None, 1, 2, 3, 5]), st.data())
-def test_decode_matches_reference(b, h, group, head_dim, dtype, num_splits, data):
-    lengths = torch.tensor(data.draw(st.lists(segment_length, min_size=b * h, max_size=b * h))).view(b, h)
+def test_decode_matches_segment_attention(b, h, group, head_dim, dtype, num_splits, data):
+    lengths = np.array(data.draw(st.lists(segment_length, min_size=b * h, max_size=b * h)), dtype=np.int64)
     seed = data.draw(st.integers(0, 2**16))
-    cache = {name: t.to(DEVICE) for name, t in ragged_cache(lengths, 3, head_dim, dtype, seed).items()}
-    q = torch.randn(b, h * group, 1, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
-    args = (q, cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"])
-    out = triton_decode_attention(*args, head_dim**-0.5, num_splits=num_splits)
-    # The truth in fp32 from the same (already rounded) inputs; only the kernel rounds its output.
-    expected = reference.decode_attention(*(a.float() if a.is_floating_point() else a for a in args),
-                                          head_dim**-0.5)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
-    torch.testing.assert_close(out.float(), expected, **TOLERANCE[dtype])
-    empty = (lengths == 0).repeat_interleave(group, dim=1).to(DEVICE)
-    assert bool((out[empty] == 0).all())
+    store = ragged_store(lengths.reshape(b, h), head_dim, dtype, seed)
+    q = torch.randn(b, h * group, 1, head_dim, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    q = q.to(DEVICE)
+    out = triton_decode_attention(q, store.keys, store.values, *store.device_metadata(), head_dim**-0.5,
+                                  num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous() and out.device == q.device
+    torch.testing.assert_close(out.float().cpu(), truth(q, store, head_dim**-0.5), **TOLERANCE[dtype])
+    empty = torch.as_tensor(store.length == 0).repeat_interleave(group, dim=1)
+    assert bool((out.cpu()[empty] == 0).all())
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_after_decode_appends(num_splits):
+    """The decode loop: append one token per step, attend with the store's device metadata each time."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, group, d = 2, 2, 3, 32
+    store = ragged_store(np.array([[5, 70], [0, 64]]), d, torch.float32, 1)
+    for step in range(3):
+        k, v = torch.randn(2, b, h, 1, d, generator=gen).to(DEVICE)
+        store.append(k, v, np.ones(b, dtype=np.int64), 200 + step)
+        q = torch.randn(b, h * group, 1, d, generator=gen).to(DEVICE)
+        out = triton_decode_attention(q, store.keys, store.values, *store.device_metadata(), 0.2,
+                                      num_splits=num_splits)
+        torch.testing.assert_close(out.cpu(), truth(q, store, 0.2), **TOLERANCE[torch.float32])
 
 
 def test_decode_rejects_bad_inputs():
-    cache = ragged_cache(torch.tensor([[2, 3]]), 1, 16, torch.float32, 0)
-    args = (cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"], 0.25)
+    store = ragged_store(np.array([[2, 3]]), 16, torch.float32, 0)
+    start, length = store.device_metadata()
+    args = (store.keys, store.values, start, length, 0.25)
+    q = torch.randn(1, 2, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one decode token"):
-        triton_decode_attention(torch.randn(1, 2, 2, 16), *args)
+        triton_decode_attention(torch.randn(1, 2, 2, 16, device=DEVICE), *args)
     with pytest.raises(ValueError, match="multiple of KV heads"):
-        triton_decode_attention(torch.randn(1, 3, 1, 16), *args)
+        triton_decode_attention(torch.randn(1, 3, 1, 16, device=DEVICE), *args)
     with pytest.raises(ValueError, match="num_splits"):
-        triton_decode_attention(torch.randn(1, 2, 1, 16), *args, num_splits=0)
+        triton_decode_attention(q, *args, num_splits=0)
+    with pytest.raises(ValueError, match="must both be"):
+        triton_decode_attention(q, store.keys, store.values, start, length[:, :1], 0.25)
+    with pytest.raises(ValueError, match="must both be"):
+        triton_decode_attention(torch.randn(2, 2, 1, 16, device=DEVICE), *args)
+    with pytest.raises(ValueError, match="must both be"):
+        triton_decode_attention(q, store.keys, store.values[:-1], start, length, 0.25)
+    with pytest.raises(ValueError, match="share a dtype"):
+        triton_decode_attention(q, store.keys, store.values.half(), start, length, 0.25)
+    strided = torch.randn(store.keys.shape[0], 32, device=DEVICE)[:, ::2]
+    with pytest.raises(ValueError, match="unit stride"):
+        triton_decode_attention(q, strided, strided, start, length, 0.25)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU fallback of the split heuristic")
@@ -117,78 +176,36 @@ def test_snapkv_matches_reference(b, h, group, t, head_dim, dtype, window, data)
     padding = torch.tensor(data.draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
     valid = (torch.arange(t)[None, :] >= padding[:, None]).to(DEVICE)  # left padding, all-padding rows too
     out = triton_snapkv_scores(q, k, valid, head_dim**-0.5, obs_window=window)
-    expected = scorers.snapkv_scores(q, k, valid, head_dim**-0.5, obs_window=window)
+    expected = scorers.snapkv_scores(q, k, valid[:, None, :].expand(b, h, t), head_dim**-0.5, obs_window=window)
     assert out.shape == (b, h, t) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-4)
 
 
-def test_snapkv_rejects_a_window_longer_than_one_tile():
-    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 1, 40, 16)
+def test_snapkv_rejects_bad_inputs():
+    q, k = torch.randn(1, 2, 40, 16, device=DEVICE), torch.randn(1, 1, 40, 16, device=DEVICE)
+    valid = torch.ones(1, 40, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="obs_window"):
-        triton_snapkv_scores(q, k, torch.ones(1, 40, dtype=torch.bool), 0.25, obs_window=33)
+        triton_snapkv_scores(q, k, valid, 0.25, obs_window=33)
+    with pytest.raises(ValueError, match="obs_window"):
+        triton_snapkv_scores(q, k, valid, 0.25, obs_window=0)
+    with pytest.raises(ValueError, match="valid must be bool"):
+        triton_snapkv_scores(q, k, valid.int(), 0.25)
+    with pytest.raises(ValueError, match="valid must be bool"):
+        triton_snapkv_scores(q, k, valid[:, None, :].expand(1, 1, 40), 0.25)  # per-head valid: the torch path's
+    with pytest.raises(ValueError, match="q must be"):
+        triton_snapkv_scores(q, k[:, :, :30], valid, 0.25)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        triton_snapkv_scores(torch.randn(1, 3, 40, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE),
+                             valid, 0.25)
 
 
-def empty_layer(slots: int, b: int, h: int, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """keys, values, positions, seg_start, seg_len, seg_cap, with stale contents."""
-    return [torch.full((slots, d), 7.0, dtype=dtype, device=DEVICE),
-            torch.full((slots, d), -7.0, dtype=dtype, device=DEVICE),
-            torch.full((slots,), 99, dtype=torch.int32, device=DEVICE),
-            torch.zeros(b, h, dtype=torch.int64, device=DEVICE),
-            torch.zeros(b, h, dtype=torch.int32, device=DEVICE),
-            torch.zeros(b, h, dtype=torch.int32, device=DEVICE)]
-
-
-@EXAMPLES
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 150), st.sampled_from([16, 64]),
-       st.sampled_from(DTYPES), st.integers(0, 3), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**16))
-def test_compaction_matches_reference_exactly(b, h, t, head_dim, dtype, room, keep_share, seed):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(b, t, h, head_dim, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)
-    v = torch.randn(b, h, t, head_dim, generator=gen).to(dtype).to(DEVICE)
-    selected = (torch.rand(b, h, t, generator=gen) < keep_share).to(DEVICE)
-    slots = int(selected.sum()) + room * b * h + 2
-    ours, theirs = empty_layer(slots, b, h, head_dim, dtype), empty_layer(slots, b, h, head_dim, dtype)
-    triton_compact_into_segments(selected, k, v, *ours, room)
-    reference.compact_into_segments(selected, k, v, *theirs, room)
-    for name, mine, truth in zip(("keys", "values", "positions", "seg_start", "seg_len", "seg_cap"),
-                                 ours, theirs, strict=True):
-        assert torch.equal(mine, truth), name
-
-
-def test_compaction_refuses_a_layer_too_small():
-    k = torch.randn(1, 1, 4, 16)
-    with pytest.raises(RuntimeError, match="eviction keeps 5 slots"):
-        triton_compact_into_segments(torch.ones(1, 1, 4, dtype=torch.bool), k, k, *empty_layer(4, 1, 1, 16,
-                                     torch.float32), room=1)
-
-
-@pytest.mark.parametrize("scorer", ["snapkv", "keydiff", "streaming"])
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_cuda_evict_prefill_matches_reference(scorer, adaptive):
-    from lukv_compile.kernels.cuda import evict_prefill_cuda
-
+@pytest.mark.skipif(DEVICE != "cuda", reason="eviction only swaps in the Triton scorer for CUDA tensors")
+def test_eviction_scores_a_chunk_with_triton_snapkv_on_gpu():
     gen = torch.Generator().manual_seed(3)
-    b, h, group, t, d, room = 2, 2, 2, 40, 16, 3
-    q = torch.randn(b, h * group, t, d, generator=gen).to(DEVICE)
-    k, v = torch.randn(2, b, h, t, d, generator=gen).to(DEVICE)
-    mask = torch.zeros(b, 1, t, t, device=DEVICE)
-    mask[1, :, :, :5] = float("-inf")  # row 1 is left-padded by 5
-    budget = torch.tensor([[6, 11], [9, 2]], dtype=torch.int32, device=DEVICE)
-    layers = []
-    for kernel in (evict_prefill_cuda, reference.evict_prefill):
-        layer = empty_layer(b * h * (t + room), b, h, d, torch.float32)
-        seen = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-        kernel(q, k, v, mask, *layer, budget, seen, scorer, 2, 4, adaptive, room, d**-0.5)
-        layers.append((*layer, seen))
-    for mine, truth in zip(*layers, strict=True):
-        assert torch.equal(mine, truth)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA registration is only reachable with CUDA tensors")
-def test_registered_cuda_decode_op_runs_triton():
-    import lukv_compile.kernels.cuda  # noqa: F401
-
-    cache = {n: t.cuda() for n, t in ragged_cache(torch.tensor([[5, 70]]), 2, 64, torch.float16, 0).items()}
-    q = torch.randn(1, 4, 1, 64, dtype=torch.float16, device="cuda")
-    args = (q, cache["keys"], cache["values"], cache["seg_start"], cache["seg_len"], 0.125)
-    torch.testing.assert_close(torch.ops.lukv.decode_attention(*args), triton_decode_attention(*args))
+    b, h, group, c, d = 2, 2, 2, 40, 16
+    q = torch.randn(b, h * group, c, d, generator=gen)
+    k, v = torch.randn(2, b, h, c, d, generator=gen)
+    counts = np.array([40, 35])
+    on_gpu = score_candidates("snapkv", q.cuda(), Candidates.from_chunk(k.cuda(), v.cuda(), counts, 0), 0.25)
+    on_cpu = score_candidates("snapkv", q, Candidates.from_chunk(k, v, counts, 0), 0.25)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-6, rtol=1e-4)

@@ -1,0 +1,64 @@
+"""Every script in examples/ runs to completion with its quickest flags and prints what it promises."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+
+
+def run_example(name: str, *flags: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *flags], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{name} exited {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def ratios(output: str) -> list[float]:
+    """Every '(0.234x)' in the output."""
+    return [float(r) for r in re.findall(r"\((\d+\.\d+)x\)", output)]
+
+
+def test_plain_pytorch_module():
+    out = run_example("plain_pytorch_module.py", "--prompt", "128", "--steps", "4")
+    assert "compression 0.0 matches the dense cache" in out
+    diff = float(re.search(r"compression 0\.0: max abs logit diff vs dense (\S+),", out).group(1))
+    assert diff < 1e-4
+    assert "compression 0.8:" in out
+    full, compressed = ratios(out)
+    assert full >= 1.0 and compressed < 0.5  # compression 0 keeps everything; 0.8 keeps ~20% (+ sink/window)
+
+
+@pytest.mark.slow
+def test_one_line():
+    out = run_example("one_line.py", "--inner", "aot_eager", "--context", "512", "--max-new-tokens", "8")
+    assert re.search(r"^prompt: \d+ tokens, passkey \d+; compression 0.8", out, re.M)
+    assert re.search(r"^answer: '.*' \((found|missed) the passkey\)", out, re.M)
+    assert "KV cache:" in out and ratios(out)[0] < 0.4
+
+
+@pytest.mark.slow
+def test_explicit_cache_loop():
+    out = run_example("explicit_cache_loop.py", "--inner", "aot_eager", "--context", "512", "--max-new-tokens", "6")
+    phases = re.findall(r"^(\d)\. .* (\d+) tokens seen .*\((\d+\.\d+)x\)$", out, re.M)
+    assert [p[0] for p in phases] == ["1", "2", "3", "4"]
+    seen = [int(p[1]) for p in phases]
+    assert seen[0] > 500 and seen == sorted(seen) and seen[2] > seen[1] + 10  # turn 2: many tokens in one forward
+    assert all(float(p[2]) < 0.4 for p in phases)
+    assert "answer 1: " in out and "answer 2: " in out
+
+
+@pytest.mark.slow
+def test_profile_own_model():
+    out = run_example("profile_own_model.py", "--questions", "1", "--k-max", "4", "--context-tokens", "256",
+                      "--context", "512", "--inner", "aot_eager")
+    assert re.search(r"^profiled 30 layers x 3 KV heads in", out, re.M)
+    assert "saved and loaded snapkv.safetensors: scorer snapkv" in out
+    mean = float(re.search(r"per-head keep fraction mean (\S+),", out).group(1))
+    assert abs(mean - 0.2) < 0.02  # the solver spends exactly the 20% budget at compression 0.8
+    assert "answer: " in out and ratios(out)[0] < 0.4
