@@ -1,11 +1,14 @@
-"""CPU decode attention: the ragged-cache reference vs full-cache SDPA, SmolLM2-135M shapes.
+"""CPU decode attention: `segment_attention` over ragged per-head storage vs full-cache SDPA, SmolLM2-135M shapes.
 
-One layer, one decode step: 9 query heads, 3 KV heads, head_dim 64, fp32, batch 1, 8k context.
-Compression 0.8 with a non-uniform per-head budget (keep fractions drawn with mean 0.2), plus `room`
-free decode slots per head. Timings are medians over interleaved repeats on one thread.
-Prints JSON; ratio = sdpa_time / ours (SDPA with enable_gqa, as HF decodes).
+One decode step's attention over all 30 layers: 9 query heads, 3 KV heads, head_dim 64, fp32, batch 1,
+8k context. Each layer is a `RaggedStore` built as the cache builds it: the prompt's K/V appended, each
+head evicted to its budget (at compression 0.8, ~20% kept overall, very unevenly over heads: by default
+the shipped SmolLM2 LU-KV profile's per-head budgets), then the decode token appended. The baselines
+attend the same query over the whole 8k cache: SDPA with enable_gqa (as HF decodes) and repeat_kv + SDPA
+(the eager Llama path). One thread; the three are interleaved in every repeat (so drift hits them all
+alike) and the medians reported. speedup = baseline time / segment_attention time.
 
-    python benchmarks/bench_decode_cpu.py [--context 8192] [--repeats 200]
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode_cpu.py [--context 8192] [--repeats 60]
 """
 
 from __future__ import annotations
@@ -14,91 +17,134 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.kernels import reference
+from lukv_compile.kernels.reference import segment_attention, select_tokens
+from lukv_compile.storage import RaggedStore
 
-Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-
-
-def keep_fractions(heads: int, mean: float, seed: int) -> torch.Tensor:
-    """Per-head keep fractions with the given mean: Dirichlet shares of the layer's total, capped at 1."""
-    gen = torch.Generator().manual_seed(seed)
-    shares = torch._standard_gamma(torch.full((heads,), 2.0), generator=gen)
-    fractions = (shares / shares.sum() * mean * heads).clamp(max=1.0)
-    return fractions * (mean * heads / fractions.sum())  # the cap moved a little mass: restore the mean
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
+PROFILE = Path(__file__).resolve().parents[1] / "lukv_compile/profiles/smollm2-135m-instruct-expected_attention.safetensors"
 
 
-def ragged_layer(context: int, fractions: torch.Tensor, room: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    lengths = (fractions * context).round().long().view(1, -1)
-    cap = (lengths + room).flatten()
-    slots = int(cap.sum())
-    return dict(keys=torch.randn(slots, HEAD_DIM, generator=gen), values=torch.randn(slots, HEAD_DIM, generator=gen),
-                seg_start=(cap.cumsum(0) - cap).view(1, -1), seg_len=lengths.int())
+def profile_budgets(context: int, compression: float) -> np.ndarray:
+    """Keep counts [L, H] of the shipped SmolLM2 LU-KV profile (what the cache would keep)."""
+    from lukv_compile.budgets import keep_counts
+    from lukv_compile.profile import Profile
+
+    profile = Profile.load(PROFILE)
+    return keep_counts(profile, compression, [context], profile.sink + profile.window)[0]
+
+
+def dirichlet_budgets(context: int, compression: float, seed: int) -> np.ndarray:
+    """Keep counts [L, H]: per layer, Dirichlet(2) shares of the layer's total, mean keep 1 - compression."""
+    rng = np.random.default_rng(seed)
+    shares = rng.gamma(2.0, size=(LAYERS, KV_HEADS))
+    fractions = np.clip(shares / shares.sum(axis=1, keepdims=True) * (1 - compression) * KV_HEADS, 0, 1)
+    return np.maximum(1, np.rint(fractions * context)).astype(np.int64)
+
+
+def ragged_layer(context: int, keep: np.ndarray, gen: torch.Generator) -> RaggedStore:
+    """A layer's store after the prompt's eviction to `keep` [H] tokens and one decode append."""
+    store = RaggedStore(1, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu"))
+    k, v = torch.randn(2, 1, KV_HEADS, context, HEAD_DIM, generator=gen)
+    store.append(k, v, np.array([context]), 0)
+    keys, values, positions, _ = store.dense()
+    scores = torch.rand(1, KV_HEADS, context, generator=gen)
+    store.replace(select_tokens(scores, torch.as_tensor(keep)[None]), keys, values, positions)
+    k_new, v_new = torch.randn(2, 1, KV_HEADS, 1, HEAD_DIM, generator=gen)
+    store.append(k_new, v_new, np.array([1]), context)
+    return store
 
 
 def median_times(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates interleaved so drift hits them all alike."""
+    """Median seconds per call, the candidates interleaved (order rotated each repeat)."""
     times = {name: [] for name in candidates}
-    for fn in candidates.values():
+    items = list(candidates.items())
+    for _, fn in items:
         fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    for i in range(repeats):
+        for name, fn in items[i % len(items):] + items[:i % len(items)]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
+def check_exact(store: RaggedStore, q: torch.Tensor, scale: float) -> float:
+    """Max |segment_attention - SDPA over the head's kept tokens (dense, padding masked)|."""
+    keys, values, _, valid = store.dense()
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid.repeat_interleave(
+        Q_HEADS // KV_HEADS, dim=1)[:, :, None, :], scale=scale)
+    out = segment_attention(q, store.keys, store.values, store.start, store.length, np.array([1]), scale)
+    return float((out - expected).abs().max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--compression", type=float, default=0.8)
-    parser.add_argument("--room", type=int, default=64, help="free decode slots per head (max_new_tokens)")
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--budgets", choices=("profile", "dirichlet"), default="profile",
+                        help="per-head budgets: the shipped SmolLM2 LU-KV profile, or random Dirichlet shares")
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0.0 <= args.compression < 1.0:
         parser.error(f"--compression must be in [0, 1), got {args.compression}")
     torch.set_num_threads(1)
+    budgets = (profile_budgets(args.context, args.compression) if args.budgets == "profile"
+               else dirichlet_budgets(args.context, args.compression, args.seed))
     gen = torch.Generator().manual_seed(args.seed)
-    fractions = keep_fractions(KV_HEADS, 1.0 - args.compression, args.seed)
-    layer = ragged_layer(args.context, fractions, args.room, args.seed)
+    stores = [ragged_layer(args.context, budgets[layer], gen) for layer in range(LAYERS)]
+    t = args.context + 1  # the full cache holds the prompt and the decode token
+    full = [torch.randn(2, 1, KV_HEADS, t, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
     q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen)
-    k_full = torch.randn(1, KV_HEADS, args.context, HEAD_DIM, generator=gen)
-    v_full = torch.randn(1, KV_HEADS, args.context, HEAD_DIM, generator=gen)
-    scale = HEAD_DIM**-0.5
+    scale, one = HEAD_DIM**-0.5, np.array([1])
     group = Q_HEADS // KV_HEADS
-    ours = lambda: reference.decode_attention(q, layer["keys"], layer["values"],
-                                              layer["seg_start"], layer["seg_len"], scale)
-    by_slot = lambda: reference.decode_attention_by_slot(q, layer["keys"], layer["values"],
-                                                         layer["seg_start"], layer["seg_len"], scale)
-    sdpa_gqa = lambda: F.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True)
-    sdpa_repeat_kv = lambda: F.scaled_dot_product_attention(
-        q, k_full.repeat_interleave(group, dim=1), v_full.repeat_interleave(group, dim=1), scale=scale)
-    # Pairs, each interleaved on its own: a baseline's cache and allocator churn (repeat_kv copies 2 x 28 MB
-    # per call) then lands on the candidate it is compared with, as it would between layers of a model.
-    pairs = {"ours_vs_sdpa_gqa": (ours, sdpa_gqa), "ours_vs_sdpa_repeat_kv": (ours, sdpa_repeat_kv),
-             "by_slot_vs_sdpa_gqa": (by_slot, sdpa_gqa)}
-    results = {}
-    for name, (candidate, baseline) in pairs.items():
-        times = median_times({"candidate": candidate, "baseline": baseline}, args.repeats)
-        results[name] = {"candidate_ms": round(times["candidate"] * 1e3, 4),
-                         "baseline_ms": round(times["baseline"] * 1e3, 4),
-                         "ratio": round(times["baseline"] / times["candidate"], 3)}
-    print(json.dumps({
-        "shape": dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, batch=1, dtype="float32",
-                      context=args.context, compression=args.compression, room=args.room),
-        "keep_fractions": [round(f, 4) for f in fractions.tolist()],
-        "slots": layer["keys"].shape[0],
+
+    def ours():
+        for s in stores:
+            segment_attention(q, s.keys, s.values, s.start, s.length, one, scale)
+
+    def sdpa_gqa():
+        for k, v in full:
+            F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    def sdpa_repeat_kv():
+        for k, v in full:
+            F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                           scale=scale)
+
+    max_err = max(check_exact(s, q, scale) for s in stores)
+    times = median_times({"segment_attention": ours, "sdpa_gqa": sdpa_gqa, "repeat_kv_sdpa": sdpa_repeat_kv},
+                         args.repeats)
+    kept = np.stack([s.length[0] for s in stores])  # [L, H], the decode token included
+    ragged_bytes = sum(s.nbytes() for s in stores)
+    full_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in full)
+    report = {
+        "shape": dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS, batch=1, dtype="float32",
+                      context=args.context, compression=args.compression, budgets=args.budgets),
+        "kept_share": round(float(kept.sum() / (LAYERS * KV_HEADS * t)), 4),
+        "kept_per_head": dict(min=int(kept.min()), median=int(np.median(kept)), max=int(kept.max())),
+        "kv_bytes": dict(ragged=ragged_bytes, full=full_bytes, ratio=round(ragged_bytes / full_bytes, 4)),
+        "max_abs_err_vs_dense_sdpa": max_err,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "ratio": results["ours_vs_sdpa_gqa"]["ratio"],
-        "pairs": results,
-    }, indent=2))
+        "ms_per_step": {name: round(s * 1e3, 3) for name, s in times.items()},
+        "speedup": {name: round(times[name] / times["segment_attention"], 2) for name in ("sdpa_gqa",
+                                                                                           "repeat_kv_sdpa")},
+    }
+    print(f"decode attention, {LAYERS} layers x ({Q_HEADS}q/{KV_HEADS}kv heads, d={HEAD_DIM}), context "
+          f"{args.context}, compression {args.compression} ({args.budgets} budgets, kept {report['kept_share']:.1%}, "
+          f"per head {kept.min()}..{kept.max()}), {torch.get_num_threads()} thread, median of {args.repeats}")
+    print(f"{'method':<22}{'ms/step':>10}{'ms/layer':>10}{'vs ours':>10}")
+    for name, seconds in times.items():
+        print(f"{name:<22}{seconds * 1e3:>10.3f}{seconds * 1e3 / LAYERS:>10.4f}"
+              f"{seconds / times['segment_attention']:>9.2f}x")
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

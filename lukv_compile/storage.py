@@ -43,7 +43,7 @@ class RaggedStore:
         self.cap = np.zeros((batch, heads), dtype=np.int64)
         self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self.positions = torch.empty(0, dtype=torch.int64, device=device)
+        self.positions = torch.empty(0, dtype=torch.int32, device=device)
         self._device_metadata = None
 
     @property
@@ -103,7 +103,7 @@ class RaggedStore:
         self.keys[dst] = k[selected].to(self.keys.dtype)
         self.values[dst] = v[selected].to(self.values.dtype)
         token_pos = torch.arange(first_position, first_position + c, device=self.device).expand(b, h, c)
-        self.positions[dst] = token_pos[selected]
+        self.positions[dst] = token_pos[selected].to(self.positions.dtype)
         self.length = grown
         self._device_metadata = None
 
@@ -139,7 +139,8 @@ class RaggedStore:
         self.keys = self.keys.new_zeros(total, self.head_dim).index_copy_(0, dst, keys[selected].to(self.keys.dtype))
         self.values = self.values.new_zeros(total, self.head_dim).index_copy_(
             0, dst, values[selected].to(self.values.dtype))
-        self.positions = self.positions.new_full((total,), -1).index_copy_(0, dst, positions[selected])
+        self.positions = self.positions.new_full((total,), -1).index_copy_(
+            0, dst, positions[selected].to(self.positions.dtype))
         self.start, self.length, self.cap = start, kept, cap
         self._device_metadata = None
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -50,8 +51,9 @@ def test_full_cache_loop_equals_eager_generate(model):
                                do_sample=False, eos_token_id=2, pad_token_id=0)
     want = eager[0, ids.shape[1]:].tolist()
     assert got.tokens == (want[:-1] if want[-1] == 2 else want)
-    assert len(got.step_seconds) == len(prompt.question_ids) + len(got.tokens) - (len(got.tokens) == 20)
-    assert got.full_bytes <= got.kv_bytes < 1.1 * got.full_bytes  # full cache: K/V plus per-slot metadata
+    assert len(got.step_seconds) == len(got.tokens) - (len(got.tokens) == 20)  # the question is one forward
+    # full cache: K/V plus 4 bytes of position per slot and the room to grow (at most 1/16 of a head, or 16 slots)
+    assert got.full_bytes <= got.kv_bytes < 1.2 * got.full_bytes
 
 
 def test_kv_bytes_shrink_with_compression_and_missing_profiles_are_skipped(model, capsys):
@@ -63,9 +65,10 @@ def test_kv_bytes_shrink_with_compression_and_missing_profiles_are_skipped(model
                               ("streaming", 0.8)]
     full, half, most = by_run["full", 0.0], by_run["snapkv", 0.5], by_run["snapkv", 0.8]
     assert full.kv_bytes > half.kv_bytes > most.kv_bytes
-    assert 1.0 <= full.kv_ratio < 1.1 and 0.5 < half.kv_ratio < 0.7 and most.kv_ratio < half.kv_ratio
+    assert 1.0 <= full.kv_ratio < 1.2 and 0.5 < half.kv_ratio < 0.7 and most.kv_ratio < half.kv_ratio
     assert by_run["streaming", 0.8].kv_bytes == most.kv_bytes  # same uniform budgets, other scorer
-    assert all(r.n == 2 and 0.0 <= r.score <= 1.0 and r.decode_ms > 0 for r in rows)
+    assert all(r.n == 2 and 0.0 <= r.score <= 1.0 for r in rows)
+    assert all(r.decode_ms > 0 or math.isnan(r.decode_ms) for r in rows)  # nan: every answer ended in warm-up
 
 
 def test_lukv_method_reads_the_shipped_profile(model, tmp_path, monkeypatch):
@@ -76,16 +79,16 @@ def test_lukv_method_reads_the_shipped_profile(model, tmp_path, monkeypatch):
     prune[:, 0, 0] = prune[:, 0, 1] / 2  # head (0, 0) keeps more than the others
     Profile(prune, scorer="snapkv", window=32).save(tmp_path / "tiny-llama-snapkv.safetensors")
     cache = methods.make_cache("lukv_snapkv", model, 0.8)
-    assert cache.profile.prune[79, 0, 0] == pytest.approx(0.4) and cache.policy == "lukv"
+    assert cache.profile.prune[79, 0, 0] == pytest.approx(0.4) and cache.settings.policy == "lukv"
     Profile(prune, scorer="keydiff", window=1).save(tmp_path / "tiny-llama-snapkv.safetensors")
     with pytest.raises(ValueError, match="holds a keydiff profile, expected snapkv"):
         methods.make_cache("lukv_snapkv", model, 0.8)
 
 
 def test_method_caches_match_their_definitions(model):
-    assert methods.make_cache("full", model, 0.8).compression == 0.0
+    assert methods.make_cache("full", model, 0.8).settings.compression == 0.0
     assert methods.make_cache("streaming", model, 0.8).profile.scorer == "streaming"
-    assert methods.make_cache("adakv", model, 0.8).policy == "adakv"
+    assert methods.make_cache("adakv", model, 0.8).settings.policy == "adakv"
     pyramid = methods.make_cache("pyramidkv", model, 0.8).profile.fractions(0.8)
     assert pyramid[0].mean() < pyramid[1].mean()  # shallow layers keep more
 

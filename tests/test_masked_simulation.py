@@ -8,7 +8,7 @@ the same logits as LU-KV's ragged cache with the same budgets: the proof that th
 import pytest
 import torch
 from tiny_models import left_padded_batch, tiny_model
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lukv_compile import LUKVCache, full_cache_nbytes
@@ -18,7 +18,7 @@ KEPT: dict[int, torch.Tensor] = {}  # layer -> [B, H_kv, total_len] bool: token 
 
 
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense eager attention; at decode it also masks the tokens the LU-KV cache evicted, per KV head."""
+    """Dense eager attention; after the prompt it also masks the tokens the LU-KV cache evicted, per KV head."""
     b, hq, q_len, d = query.shape
     group = hq // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
@@ -26,7 +26,7 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     visible = torch.ones(b, 1, q_len, key.shape[2], dtype=torch.bool).tril(key.shape[2] - q_len)
     if attention_mask is not None:
         visible = visible & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
-    if q_len == 1 and module.layer_idx in KEPT:
+    if key.shape[2] > q_len and module.layer_idx in KEPT:  # every forward after the prompt's
         kept = KEPT[module.layer_idx][:, :, : key.shape[2]].repeat_interleave(group, dim=1)
         visible = visible & kept[:, :, None, :]
     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # padding rows see nothing
@@ -48,31 +48,45 @@ def kept_mask(cache: LUKVCache, batch: int, total: int) -> dict[int, torch.Tenso
     return masks
 
 
+def skewed_profile(scorer: str) -> Profile:
+    """A non-uniform profile, so heads really keep different amounts."""
+    profile = Profile.uniform(2, 2, scorer=scorer)
+    profile.prune[:, 0, 0] *= 0.5
+    profile.prune[:, 1, 1] = 1 - (1 - profile.prune[:, 1, 1]) * 0.5
+    return profile
+
+
+def two_turns(model, ids, mask, cache=None):
+    """The prompt plus 6 new tokens, then a second user turn of 9 tokens plus 5 new tokens (one generate each)."""
+    kwargs = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    first = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=6, **kwargs)
+    turn = torch.randint(1, 128, (ids.shape[0], 9), generator=torch.Generator().manual_seed(7))
+    history = torch.cat([first.sequences, turn], dim=1)
+    mask2 = torch.cat([mask, torch.ones(mask.shape[0], history.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    second = model.generate(input_ids=history, attention_mask=mask2, cache=cache, max_new_tokens=5, **kwargs)
+    return torch.cat([torch.stack(first.logits), torch.stack(second.logits)]), second.sequences
+
+
 @pytest.mark.parametrize("policy, scorer, compression", [
     ("lukv", "snapkv", 0.6), ("adakv", "snapkv", 0.7), ("lukv", "keydiff", 0.8),
     ("lukv", "expected_attention", 0.5), ("lukv", "streaming", 0.6),
 ])
-def test_masked_simulation_equals_ragged_cache(policy, scorer, compression):
+def test_masked_simulation_equals_ragged_cache_across_turns(policy, scorer, compression):
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, seed=3)
     ids, mask = left_padded_batch([120, 97], seed=5)
-    steps = 6
-    # A non-uniform profile, so heads really keep different amounts.
-    profile = Profile.uniform(2, 2, scorer=scorer)
-    profile.prune[:, 0, 0] *= 0.5
-    profile.prune[:, 1, 1] = 1 - (1 - profile.prune[:, 1, 1]) * 0.5
-    cache = LUKVCache(model.config, profile=profile, compression=compression, policy=policy)
-    model.compile(backend="lukv", options={"inner": "eager"})
-    ragged = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps,
-                            do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cache = LUKVCache(model.config, profile=skewed_profile(scorer), compression=compression, policy=policy)
+    compiled = torch.compile(model, backend="lukv", options={"inner": "eager"})
+    ragged_logits, ragged_tokens = two_turns(compiled, ids, mask, cache)
     lengths = [len(p) for row in cache.layers[0].kept_positions() for p in row]
     assert len(set(lengths)) > 1, "heads should hold different numbers of tokens"
-    assert cache.nbytes() < full_cache_nbytes(model.config, 2, ids.shape[1] + steps, torch.float32)
+    total = ragged_tokens.shape[1]
+    assert cache.nbytes() < full_cache_nbytes(model.config, 2, total, torch.float32)
 
     KEPT.clear()
-    KEPT.update(kept_mask(cache, 2, ids.shape[1] + steps))
+    KEPT.update(kept_mask(cache, 2, total))
     reference = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, seed=3)
     reference.set_attn_implementation("lukv_masked_simulation")
-    dense = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                               output_logits=True, return_dict_in_generate=True)
-    torch.testing.assert_close(torch.stack(ragged.logits), torch.stack(dense.logits), rtol=1e-4, atol=1e-4)
-    assert torch.equal(ragged.sequences, dense.sequences)
+    dense_logits, dense_tokens = two_turns(reference, ids, mask)
+    torch.testing.assert_close(ragged_logits, dense_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ragged_tokens, dense_tokens)

@@ -183,7 +183,7 @@ def test_layer_scores_use_the_inference_scorer(model):
 
     record = record_prefill(model, random_ids(24, 7))
     got = layer_scores("snapkv", record.q, record.k, record.v, record.scaling)
-    valid = torch.ones(1, 24, dtype=torch.bool)
+    valid = torch.ones(1, 2, 24, dtype=torch.bool)
     expected = scorers.score("snapkv", record.q[1], record.k[1], record.v[1], valid, record.scaling[1])[0]
     assert got.shape == (2, 2, 24) and torch.equal(got[1], expected)
 
