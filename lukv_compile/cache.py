@@ -14,6 +14,7 @@ use transformers' own `DynamicSlidingWindowLayer`, which is exact and already bo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -89,6 +90,7 @@ class RaggedLayer(CacheLayerMixin):
         self.store: RaggedStore | None = None
         self.seen = 0  # positions consumed, padding included: the next token's position
         self.real_tokens = np.zeros(0, dtype=np.int64)  # [B] real tokens each row has had (its context length)
+        self.evict_every_chunk = False  # set during a chunked prefill (prefill.py)
         self.is_initialized = True
 
     # ---- transformers' layer API (traced by Dynamo: no data-dependent code, no errors here)
@@ -136,7 +138,7 @@ class RaggedLayer(CacheLayerMixin):
         if (length <= budget).all():
             return False  # nothing over budget (compression 0, short contexts)
         when = self.settings.evict
-        if was_empty or (chunk > 1 and when in ("turn", "always")):
+        if was_empty or self.evict_every_chunk or (chunk > 1 and when in ("turn", "always")):
             return True
         return when == "always" and bool((length - budget >= DECODE_SLACK).any())
 
@@ -158,8 +160,9 @@ class RaggedLayer(CacheLayerMixin):
                           window=self.profile.window, adaptive=self.settings.policy == "adakv", scale=scale)
         if store.num_tokens == 0:
             # The prompt: exact attention over it; the budget is kept straight from it (never stored whole).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
-                                                 scale=scale, enable_gqa=True)
+            causal = is_causal and attn_mask is None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
+                                                 enable_gqa=True)
             if self.eviction_due(True, c, np.broadcast_to(counts[:, None], (b, h)), budget):
                 evict(store, Candidates.from_chunk(k, v, counts, first), **evict_step)
             else:
@@ -263,6 +266,18 @@ class LUKVCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+
+    @contextlib.contextmanager
+    def evicting_every_chunk(self):
+        """Within this block every forward evicts each head back to its budget (chunked prefill)."""
+        ragged = [layer for layer in self.layers if isinstance(layer, RaggedLayer)]
+        for layer in ragged:
+            layer.evict_every_chunk = True
+        try:
+            yield
+        finally:
+            for layer in ragged:
+                layer.evict_every_chunk = False
 
 
 def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_heads: int) -> Profile:

@@ -13,6 +13,7 @@ Two small hooks, installed on import:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,6 +24,7 @@ from transformers.generation.utils import GenerationMixin
 
 from lukv_compile import handles
 from lukv_compile.cache import LUKVCache
+from lukv_compile.prefill import chunked_prefill
 from lukv_compile.settings import LUKVSettings
 
 POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name != "inner")
@@ -115,6 +117,31 @@ def cache_for_generate(model, plan: CompiledWithLUKV, cache) -> LUKVCache:
     return cache
 
 
+@contextlib.contextmanager
+def compiled_forward(model, plan: CompiledWithLUKV):
+    """For the torch.compile(model) form, whose generate() runs on the original module: the compiled forward."""
+    if plan.context is None:  # model.compile(): the model calls its compiled forward already
+        yield
+        return
+    if plan.route is None:
+        in_place = model.__dict__.get("_lukv_compiled")
+        plan.route = plan.context(model._call_impl)  # (this compile call marks the model: undo that)
+        model.__dict__["_lukv_compiled"] = in_place
+    model._compiled_call_impl = plan.route
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = None
+
+
+def prefill_before_generate(model, cache: LUKVCache, args: tuple, kwargs: dict) -> None:
+    """Chunked prefill of all but the prompt's last token; generate() then starts from the filled cache."""
+    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if input_ids is None:
+        raise ValueError("prefill_chunk needs input_ids (generate from inputs_embeds prefills in one forward)")
+    chunked_prefill(model, cache, input_ids, kwargs.get("attention_mask"), cache.settings.prefill_chunk, leave=1)
+
+
 def lukv_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
@@ -128,19 +155,11 @@ def lukv_generate(original):
                                  "torch.compile(model, backend='lukv', options=...) first")
             return original(self, *args, **kwargs)
         check_generate_request(self, plan, kwargs)
-        kwargs[cache_key] = cache_for_generate(self, plan, cache)
-        if plan.context is None:
+        cache = kwargs[cache_key] = cache_for_generate(self, plan, cache)
+        with compiled_forward(self, plan):
+            if cache.settings.prefill_chunk is not None:
+                prefill_before_generate(self, cache, args, kwargs)
             return original(self, *args, **kwargs)
-        # torch.compile(model): generate() runs on the original module; give it the compiled forward.
-        if plan.route is None:
-            in_place = self.__dict__.get("_lukv_compiled")
-            plan.route = plan.context(self._call_impl)  # (this compile call marks the model: undo that)
-            self.__dict__["_lukv_compiled"] = in_place
-        self._compiled_call_impl = plan.route
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            self._compiled_call_impl = None
 
     generate.lukv_wrapped = True
     return generate

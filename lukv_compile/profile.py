@@ -158,7 +158,8 @@ class Profile:
             raise ProfileError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         missing = [key for key in REQUIRED_METADATA if key not in meta]
         if missing:
-            raise ProfileError(f"{path}: metadata lacks {', '.join(missing)} (required: {', '.join(REQUIRED_METADATA)})")
+            raise ProfileError(f"{path}: metadata lacks {', '.join(missing)} "
+                               f"(required: {', '.join(REQUIRED_METADATA)})")
         if prune.shape[1:] != (meta["num_layers"], meta["num_kv_heads"]):
             raise ProfileError(f"{path}: tensor shape {prune.shape} does not match its metadata")
         try:

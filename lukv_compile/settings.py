@@ -19,6 +19,8 @@ CACHE_POLICIES = ("lukv", "adakv")
 # every later multi-token forward (a new turn, a chunk), or also while decoding (a head is compressed
 # back to its budget once it holds DECODE_SLACK tokens more than that).
 EVICTION_POINTS = ("prompt", "turn", "always")
+# prefill_chunk=C: generate() prefills a long prompt C tokens per forward, evicting after each, so the K/V
+# held never exceed the budget plus C per head (prefill.py).
 
 
 def _require(ok: bool, name: str, value, allowed: str) -> None:
@@ -41,6 +43,7 @@ class LUKVSettings:
     window: int | None = None
     policy: str = "lukv"
     evict: str = "prompt"
+    prefill_chunk: int | None = None
     allow_other_model: bool = False
     inner: str = "inductor"
 
@@ -56,6 +59,9 @@ class LUKVSettings:
             _require(value is None or (_is_int(value) and value >= 0), name, value, "it must be an int >= 0")
         _require(self.policy in CACHE_POLICIES, "policy", self.policy, f"choose one of {', '.join(CACHE_POLICIES)}")
         _require(self.evict in EVICTION_POINTS, "evict", self.evict, f"choose one of {', '.join(EVICTION_POINTS)}")
+        chunk = self.prefill_chunk
+        _require(chunk is None or (_is_int(chunk) and chunk >= 1), "prefill_chunk", chunk,
+                 "it must be None (the prompt in one forward) or an int >= 1")
         _require(isinstance(self.allow_other_model, bool), "allow_other_model", self.allow_other_model,
                  "it must be True or False")
         _require(self.inner in INNER_COMPILERS, "inner", self.inner, f"choose one of {', '.join(INNER_COMPILERS)}")

@@ -14,8 +14,8 @@ from tiny_models import FAMILIES, PlainAttentionModel, left_padded_batch, tiny_g
 from torch._dynamo.utils import counters
 
 from lukv_compile import LUKVCache
-from lukv_compile.passes import rewrite_attention
 from lukv_compile.cache import RaggedLayer
+from lukv_compile.passes import rewrite_attention
 from lukv_compile.passes.find_attention import UnsupportedAttention
 
 # One shared compiled model per test, many inputs: shrinking would only recompile.

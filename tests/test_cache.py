@@ -273,3 +273,34 @@ def test_reset_reuses_the_cache():
     again = compiled.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False)
     assert torch.equal(first, again)
     assert all(isinstance(layer, RaggedLayer) for layer in cache.layers)
+
+
+def test_chunked_prefill_in_generate_equals_eager_at_full_budget():
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_padded_batch([200, 150])
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    compiled = lukv(model, compression=0.0, prefill_chunk=64)
+    assert torch.equal(compiled.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want)
+
+
+def test_chunked_prefill_holds_at_most_budget_plus_chunk(monkeypatch):
+    from lukv_compile import cache as cache_module
+    from lukv_compile.prefill import chunked_prefill
+
+    peaks = []
+
+    def watched_evict(store, candidates, **step):
+        peaks.append((store.length.max(), step["budget"].max()))  # held just before this eviction
+        return evict(store, candidates, **step)
+
+    evict = cache_module.evict
+    monkeypatch.setattr(cache_module, "evict", watched_evict)
+    model = tiny_model("llama", layers=2)
+    cache = LUKVCache(model.config, compression=0.8, sink=2, window=4)
+    ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(0))
+    chunked_prefill(lukv(model), cache, ids, chunk=100)
+    assert len(peaks) == 2 * 7  # every chunk of every layer evicted
+    budgets = [0] + [b for _, b in peaks[::2]]
+    for (held, _), budget_before in zip(peaks[::2], budgets, strict=False):
+        assert held <= budget_before + 100  # the kept tokens so far plus one chunk, never the whole prompt
+    assert cache.layers[0].store.length.max() == 700 // 5

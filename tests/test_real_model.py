@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct (real pretrained weights, installed by scripts/setup.sh) through the lukv backend."""
+"""SmolLM2-135M-Instruct (real pretrained weights, installed by scripts/setup.sh) through the lukv backend,
+in the card's form and on the default inner compiler (inductor)."""
 
 import pytest
 import torch
@@ -16,18 +17,23 @@ def smollm2():
     return load_model("smollm2")
 
 
-def test_smollm2_compressed_bytes_and_full_budget_tokens(smollm2):
+def test_smollm2_default_inner_is_exact_at_full_budget(smollm2):
     model, tokenizer = smollm2
-    prompt, _ = passkey_prompt(tokenizer, 1024)
+    prompt, _ = passkey_prompt(tokenizer, 300)
     inputs = tokenizer(prompt, return_tensors="pt")
-    eager = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    kwargs = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    eager = model.generate(**inputs, **kwargs)
+    compiled = torch.compile(model, backend="lukv", options={"compression": 0.0})  # inductor
+    assert torch.equal(compiled.generate(**inputs, **kwargs), eager)
 
-    model.compile(backend="lukv", options={"compression": 0.0, "inner": "aot_eager"})
-    full_budget = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert torch.equal(full_budget, eager)
 
-    model.compile(backend="lukv", options={"compression": 0.8, "inner": "aot_eager"})
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+def test_smollm2_compressed_bytes_and_answer(smollm2):
+    model, tokenizer = smollm2
+    prompt, answers = passkey_prompt(tokenizer, 1024)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    compiled = torch.compile(model, backend="lukv", options={"compression": 0.8, "inner": "aot_eager"})
+    out = compiled.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     full_bytes = full_cache_nbytes(model.config, 1, out.sequences.shape[1] - 1, model.dtype)
-    assert out.cache.nbytes() <= 0.21 * full_bytes
-    assert out.cache.layers[0].keys.shape[0] < 0.21 * inputs.input_ids.shape[1] * model.config.num_key_value_heads
+    assert out.cache.nbytes() <= 0.23 * full_bytes
+    store = out.cache.layers[0].store
+    assert store.keys.shape[0] < 0.23 * inputs.input_ids.shape[1] * model.config.num_key_value_heads

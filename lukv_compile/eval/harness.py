@@ -2,7 +2,8 @@
 
 The protocol is LU-KV's (task-agnostic compression): prefill the context alone, evict each KV head to
 its budget, and only then read the question as one forward over the kept context (exact causal
-semantics: the question attends to the kept context and to itself), then decode the answer greedily. The same step is timed for latency and the same cache is measured for memory.
+semantics: the question attends to the kept context and to itself), then decode the answer greedily.
+Each decode step is timed for latency and the same cache is measured for memory.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             queries = q[row, head * group:(head + 1) * group, c - real:][None]
             mask = None
             if real > 1:  # query i sees the n - real kept tokens and the chunk up to itself
-                mask = torch.arange(n, device=q.device)[None, :] <= (n - real + torch.arange(real, device=q.device))[:, None]
+                last_seen = n - real + torch.arange(real, device=q.device)
+                mask = torch.arange(n, device=q.device)[None, :] <= last_seen[:, None]
             out[row, head * group:(head + 1) * group, c - real:] = F.scaled_dot_product_attention(
                 queries, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[0]
     return out
