@@ -27,7 +27,8 @@ from lukv_compile.kernels.reference import segment_attention, select_tokens
 from lukv_compile.storage import RaggedStore
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
-PROFILE = Path(__file__).resolve().parents[1] / "lukv_compile/profiles/smollm2-135m-instruct-expected_attention.safetensors"
+PROFILES = Path(__file__).resolve().parents[1] / "lukv_compile" / "profiles"
+PROFILE = PROFILES / "smollm2-135m-instruct-expected_attention.safetensors"
 
 
 def profile_budgets(context: int, compression: float) -> np.ndarray:
@@ -77,8 +78,11 @@ def median_times(candidates: dict, repeats: int) -> dict[str, float]:
 def check_exact(store: RaggedStore, q: torch.Tensor, scale: float) -> float:
     """Max |segment_attention - SDPA over the head's kept tokens (dense, padding masked)|."""
     keys, values, _, valid = store.dense()
-    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid.repeat_interleave(
-        Q_HEADS // KV_HEADS, dim=1)[:, :, None, :], scale=scale)
+    group = Q_HEADS // KV_HEADS
+    expected = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, dim=1),
+                                              values.repeat_interleave(group, dim=1),
+                                              attn_mask=valid.repeat_interleave(group, dim=1)[:, :, None, :],
+                                              scale=scale)
     out = segment_attention(q, store.keys, store.values, store.start, store.length, np.array([1]), scale)
     return float((out - expected).abs().max())
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One-shot GPU check (one H200, <= 8 minutes): the Triton kernel tests on CUDA, then the decode
-# microbenchmark. Results land in $OUT (default benchmarks/gpu_out): pytest.log, gpu_check.json, bench.log.
+# One-shot GPU check (one H200, <= 8 minutes): the Triton kernel tests on CUDA (tests/test_triton_kernels.py
+# with LUKV_TEST_DEVICE=cuda: triton_decode_attention vs reference.segment_attention on RaggedStore layouts,
+# triton_snapkv_scores vs scorers.snapkv_scores, the eviction's GPU scorer), then the decode microbenchmark
+# (benchmarks/gpu_check.py: triton_decode_attention over a RaggedStore vs flash SDPA over the full cache at
+# 8k/32k/128k). Results land in $OUT (default benchmarks/gpu_out): pytest.log, gpu_check.json, bench.log.
 # Usage (from anywhere): bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +38,8 @@ fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || true
 
 echo "== kernel tests on CUDA (limit 300 s)"
-LUKV_TEST_DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+LUKV_TEST_DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 \
+    tests/test_triton_kernels.py \
     2>&1 | tee "$OUT/pytest.log"
 tests_rc=${PIPESTATUS[0]}
 

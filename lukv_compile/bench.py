@@ -1,10 +1,22 @@
-"""`lukv demo` and `lukv bench`: the real model, compressed, measured against its own full cache.
+"""`lukv demo` and `lukv bench`: the real model, compressed, against what a user runs without LU-KV.
 
-bench: for each context length, in one process and interleaved step by step, the LU-KV compiled model
-(compression c) and the uncompressed compiled baseline (transformers' StaticCache + inductor, what a
-user compiles today) decode the same prompt; we report KV bytes, the median decode-step latency and
-tokens/s of each, and the ratios. The decode attention op alone is timed against full-cache SDPA on
-the same shapes.
+bench runs three instances of the model (loaded separately, so no compiled state is shared) in one process:
+  plain    transformers eager with its default DynamicCache, no compile: the main baseline;
+  static   transformers' StaticCache + torch.compile(model) with the same compiler as lukv (--inner,
+           default inductor): what a user compiles today;
+  lukv     torch.compile(model, backend="lukv", options={"inner": ...}) with a LUKVCache holding the
+           shipped LU-KV SnapKV profile at --compression.
+Per thread setting (Dynamo is reset and everything recompiles: inductor's CPU kernels are built for the
+thread count at compile time) and per context, on the same prompt:
+  prefill    one warm-up prefill each (the compiled ones compile), then the median of --prefill-repeats,
+             interleaved. lukv also runs at compression 0 (no scoring, no selection) through the same
+             compiled model: the difference is the eviction work inside the prefill.
+  decode     --steps steps with the argmax token fed back, interleaved lukv / plain / static step by step;
+             medians over the steps after the first WARMUP_STEPS (those compile).
+  generate   prefill + --e2e-tokens new tokens (greedy, min = max new tokens), lukv vs plain, each after
+             a short warm-up generate.
+  attention  the decode attention op alone over the lukv cache's real storage vs full-cache SDPA.
+  compile_s  first calls minus the warm medians: compilation plus other first-call costs.
 """
 
 from __future__ import annotations
@@ -12,7 +24,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +36,13 @@ import torch.nn.functional as F
 from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
 from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.profile import Profile
+
+WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
+# (the sequence length becomes a dynamic size)
+DECODERS = ("lukv", "plain", "static")  # the three ways to run the model
+NO_EVICTION = "lukv_no_eviction"  # the lukv model on a compression-0 cache: prefill only
+GENERATE_WARMUP_TOKENS = 3
+RECOMPILE_LIMIT = 64
 
 
 def shipped_profile(model) -> Profile:
@@ -76,38 +98,156 @@ def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def decode_step(model, cache, token) -> torch.Tensor:
-    return model(input_ids=token, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+@dataclass(frozen=True)
+class BenchOptions:
+    compression: float = 0.8
+    inner: str = "inductor"
+    steps: int = 20
+    prefill_repeats: int = 1
+    e2e_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.steps <= WARMUP_STEPS:
+            raise ValueError(f"--steps must be more than the {WARMUP_STEPS} warm-up steps, got {self.steps}")
+        if self.prefill_repeats < 1 or self.e2e_tokens < 1:
+            raise ValueError("--prefill-repeats and --e2e-tokens must be at least 1")
+
+    @classmethod
+    def from_args(cls, args) -> BenchOptions:
+        return cls(args.compression, args.inner, args.steps, args.prefill_repeats, args.e2e_tokens)
 
 
-def bench_context(model, baseline, tokenizer, profile, context: int, compression: float, steps: int) -> dict:
-    from transformers import StaticCache
+@dataclass
+class Contender:
+    """One way to run the model: what to call (compiled or not) and how to make its empty cache."""
 
-    ids = tokenizer(passkey_prompt(tokenizer, context)[0], return_tensors="pt").input_ids[:, -context:]
-    cache = LUKVCache(model.config, profile=profile, compression=compression)
-    static = StaticCache(config=model.config, max_cache_len=context + steps + 2)
-    with torch.no_grad():
-        token = decode_step(model, cache, ids)
-        base_token = decode_step(baseline, static, ids)
-        times = {"lukv": [], "full": []}
-        for step in range(steps):
-            start = time.perf_counter()
-            token = decode_step(model, cache, token)
-            times["lukv"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            base_token = decode_step(baseline, static, base_token)
-            times["full"].append(time.perf_counter() - start)
-    warm = {name: t[2:] for name, t in times.items()}  # the first steps compile
-    full_bytes = full_cache_nbytes(model.config, 1, context + steps + 2, model.dtype)
-    lukv_ms, full_ms = median_ms(warm["lukv"]), median_ms(warm["full"])
+    model: Any
+    new_cache: Callable[[int], Any]  # tokens the cache must hold -> an empty cache
+
+
+def contenders(models: dict[str, Any], profile: Profile, opts: BenchOptions) -> dict[str, Contender]:
+    """lukv, its compression-0 twin (same compiled model), plain and static, from three model instances."""
+    from transformers import DynamicCache, StaticCache
+
+    lukv = torch.compile(models["lukv"], backend="lukv", options={"inner": opts.inner})
+    config = models["lukv"].config
+
+    def lukv_cache(compression: float) -> Callable[[int], LUKVCache]:
+        return lambda tokens: LUKVCache(config, profile=profile, compression=compression)
+
     return {
-        "context": context, "compression": compression, "decode_steps": len(warm["lukv"]),
-        "kv_bytes_lukv": cache.nbytes(), "kv_bytes_full": full_bytes, "kv_bytes_ratio": cache.nbytes() / full_bytes,
-        "decode_ms_lukv": lukv_ms, "decode_ms_full": full_ms,
-        "tokens_per_s_lukv": 1000 / lukv_ms, "tokens_per_s_full": 1000 / full_ms,
-        "decode_speedup": full_ms / lukv_ms,
-        **bench_attention(cache, model.config, context),
+        "lukv": Contender(lukv, lukv_cache(opts.compression)),
+        NO_EVICTION: Contender(lukv, lukv_cache(0.0)),
+        "plain": Contender(models["plain"], lambda tokens: DynamicCache(config=models["plain"].config)),
+        "static": Contender(torch.compile(models["static"], backend=opts.inner),
+                            lambda tokens: StaticCache(config=models["static"].config, max_cache_len=tokens)),
     }
+
+
+def timed_step(contender: Contender, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One forward of `ids` on `cache` (a prefill or a decode step): the argmax next token and its seconds."""
+    start = time.perf_counter()
+    token = contender.model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    if token.is_cuda:
+        torch.cuda.synchronize()
+    return token, time.perf_counter() - start
+
+
+def measure_prefill(runs: dict[str, Contender], ids: torch.Tensor, tokens: int, repeats: int):
+    """1 + `repeats` interleaved prefills on fresh caches: seconds of each (the warm-up first), and
+    (cache, next token) of each contender's last prefill."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    state = {}
+    for _ in range(1 + repeats):
+        for name, run in runs.items():
+            cache = run.new_cache(tokens)
+            token, seconds = timed_step(run, cache, ids)
+            times[name].append(seconds)
+            state[name] = (cache, token)
+    return times, state
+
+
+def measure_decode(runs: dict[str, Contender], state: dict, steps: int) -> dict[str, list[float]]:
+    """`steps` decode steps, the argmax fed back, interleaved over `runs` step by step (advances `state`)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(steps):
+        for name, run in runs.items():
+            cache, token = state[name]
+            token, seconds = timed_step(run, cache, token)
+            state[name] = (cache, token)
+            times[name].append(seconds)
+    return times
+
+
+def generate_seconds(run: Contender, ids: torch.Tensor, new_tokens: int) -> float:
+    """Wall seconds of generate(): prefill + exactly `new_tokens` greedy tokens, on the contender's cache."""
+    start = time.perf_counter()
+    run.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       cache=run.new_cache(ids.shape[1] + new_tokens), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens)
+    return time.perf_counter() - start
+
+
+def measure_generate(runs: dict[str, Contender], ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """End-to-end generate seconds of each contender, after a short warm-up generate of each."""
+    for run in runs.values():
+        generate_seconds(run, ids, min(GENERATE_WARMUP_TOKENS, new_tokens))
+    return {name: generate_seconds(run, ids, new_tokens) for name, run in runs.items()}
+
+
+def decode_fields(decode: dict[str, list[float]]) -> dict:
+    ms = {name: median_ms(times[WARMUP_STEPS:]) for name, times in decode.items()}
+    per_s = {name: 1000 / ms[name] for name in ms}
+    return {**{f"decode_ms_{n}": ms[n] for n in ms}, **{f"tokens_per_s_{n}": per_s[n] for n in per_s},
+            "tokens_per_s_ratio_lukv_plain": per_s["lukv"] / per_s["plain"],
+            "tokens_per_s_ratio_lukv_static": per_s["lukv"] / per_s["static"]}
+
+
+def prefill_fields(prefill: dict[str, list[float]]) -> dict:
+    s = {name: statistics.median(times[1:]) for name, times in prefill.items()}
+    eviction = s["lukv"] - s[NO_EVICTION]
+    return {**{f"prefill_s_{n}": s[n] for n in s}, "prefill_eviction_s": eviction,
+            "prefill_eviction_share_of_plain": eviction / s["plain"]}
+
+
+def generate_fields(e2e: dict[str, float]) -> dict:
+    return {"e2e_s_lukv": e2e["lukv"], "e2e_s_plain": e2e["plain"],
+            "e2e_speedup_lukv_plain": e2e["plain"] / e2e["lukv"]}
+
+
+def compile_fields(prefill: dict[str, list[float]], decode: dict[str, list[float]]) -> dict:
+    """Per compiled contender: first prefill minus the warm median, and the warm-up decode steps' excess
+    over the warm median (both steps: the second may recompile for a dynamic sequence length)."""
+    def excess(times: list[float], warm_up: int) -> float:
+        warm = statistics.median(times[warm_up:])
+        return sum(t - warm for t in times[:warm_up])
+
+    return {name: {"prefill": excess(prefill[name], 1), "decode": excess(decode[name], WARMUP_STEPS)}
+            for name in DECODERS}
+
+
+def kv_fields(cache: LUKVCache, config, tokens: int, dtype: torch.dtype) -> dict:
+    full = full_cache_nbytes(config, 1, tokens, dtype)
+    return {"kv_bytes_lukv": cache.nbytes(), "kv_bytes_full": full, "kv_bytes_ratio": cache.nbytes() / full}
+
+
+def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOptions) -> dict:
+    """Every measurement of one prompt `ids` [1, T] (see the module docstring); one flat row."""
+    tokens = ids.shape[1] + opts.steps
+    decoders = {name: runs[name] for name in DECODERS}
+    with torch.no_grad():
+        say(f"  prefill x{1 + opts.prefill_repeats} each (the first compiles): {', '.join(runs)} ...")
+        prefill, state = measure_prefill(runs, ids, tokens, opts.prefill_repeats)
+        say(f"  decode {opts.steps} steps interleaved ({WARMUP_STEPS} warm-up): {', '.join(DECODERS)} ...")
+        decode = measure_decode(decoders, state, opts.steps)
+        say(f"  generate prefill + {opts.e2e_tokens} tokens: lukv, plain ...")
+        e2e = measure_generate({name: runs[name] for name in ("lukv", "plain")}, ids, opts.e2e_tokens)
+    say("  decode attention op alone: lukv storage vs full-cache SDPA ...")
+    cache, model = state["lukv"][0], runs["plain"].model
+    return {"prompt_tokens": ids.shape[1], **asdict(opts), "decode_steps_timed": opts.steps - WARMUP_STEPS,
+            **kv_fields(cache, model.config, tokens, model.dtype), **decode_fields(decode), **prefill_fields(prefill),
+            **generate_fields(e2e), **bench_attention(cache, model.config, tokens),
+            "compile_s": compile_fields(prefill, decode)}
 
 
 def bench_attention(cache: LUKVCache, config, context: int, repeats: int = 15) -> dict:
@@ -131,24 +271,64 @@ def bench_attention(cache: LUKVCache, config, context: int, repeats: int = 15) -
             "attention_speedup": median_ms(full) / median_ms(ours)}
 
 
+def thread_settings(spec: str) -> list[tuple[str, int]]:
+    """"1,default" -> [("1", 1), ("default", torch's default count)], dropping repeats of a count.
+
+    Call before anything sets the thread count: "default" is torch's count at that moment.
+    """
+    default, settings = torch.get_num_threads(), {}
+    for label in (part.strip() for part in spec.split(",")):
+        if label != "default" and not (label.isdigit() and int(label) > 0):
+            raise ValueError(f"--threads takes positive counts and 'default', got {label!r}")
+        settings.setdefault(default if label == "default" else int(label), label)
+    return [(label, count) for count, label in settings.items()]
+
+
+def bench_threads(models: dict[str, Any], profile: Profile, prompt_ids: Callable[[int], torch.Tensor],
+                  contexts: list[int], opts: BenchOptions, label: str, threads: int) -> Iterator[dict]:
+    """One row per context at `threads` torch threads, compiling afresh for that count."""
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()  # inductor's CPU kernels are specialised to the thread count they were compiled at
+    # The three instances share their forwards' code objects, so their variants count against one limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    runs = contenders(models, profile, opts)
+    for context in contexts:
+        say(f"context {context}, threads {label} ({threads}):")
+        yield {"context": context, "threads": label, "num_threads": threads,
+               **bench_context(runs, prompt_ids(context), opts)}
+
+
+def passkey_ids(tokenizer) -> Callable[[int], torch.Tensor]:
+    """context -> the input ids [1, <= context] of a passkey prompt of that length."""
+    def ids(context: int) -> torch.Tensor:
+        return tokenizer(passkey_prompt(tokenizer, context)[0], return_tensors="pt").input_ids[:, -context:]
+
+    return ids
+
+
+def report(rows: Iterator[dict], result: dict, path: str | None) -> dict:
+    """Print each row as one JSON line as it comes; rewrite `path` (when given) with all rows so far."""
+    result = {**result, "rows": []}
+    for row in rows:
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+        if path:
+            Path(path).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def run_bench(args) -> None:
     from lukv_compile.models import load_model
 
-    torch.set_num_threads(args.threads)
-    torch._dynamo.config.cache_size_limit = 64
-    model, tokenizer = load_model(args.model)
-    baseline, _ = load_model(args.model)
-    profile = shipped_profile(model)
-    model = torch.compile(model, backend="lukv", options={"profile": profile, "compression": args.compression})
-    baseline = torch.compile(baseline)
-    rows = []
-    for context in args.contexts:
-        row = bench_context(model, baseline, tokenizer, profile, context, args.compression, args.steps)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    result = {"model": args.model, "threads": args.threads, "profile": profile.calibration, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    opts, settings = BenchOptions.from_args(args), thread_settings(args.threads)
+    models = {}
+    for name in DECODERS:  # one instance each: no compiled state shared
+        say(f"loading {args.model} for {name} ...")
+        models[name], tokenizer = load_model(args.model)
+    profile = shipped_profile(models["lukv"])
+    rows = (row for label, threads in settings
+            for row in bench_threads(models, profile, passkey_ids(tokenizer), args.contexts, opts, label, threads))
+    report(rows, {"model": args.model, "profile": profile.calibration}, args.json)
 
 
 def add_demo(sub) -> None:
@@ -161,12 +341,18 @@ def add_demo(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
+
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="KV bytes and decode latency: LU-KV vs the uncompressed compiled model")
+    p = sub.add_parser("bench", help="KV bytes, prefill, decode and generate time: LU-KV vs plain and static")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192])
     p.add_argument("--compression", type=float, default=0.8)
-    p.add_argument("--steps", type=int, default=20, help="decode steps per context (2 warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable A/B timing on shared CPUs)")
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                   help="compiler after the lukv pass, also the static baseline's compiler")
+    p.add_argument("--steps", type=int, default=20, help=f"decode steps per context ({WARMUP_STEPS} warm-up)")
+    p.add_argument("--prefill-repeats", type=int, default=1, help="timed prefills each, after a warm-up one")
+    p.add_argument("--e2e-tokens", type=int, default=64, help="new tokens of the end-to-end generate")
+    p.add_argument("--threads", default="1,default",
+                   help="torch thread counts to run, comma-separated; 'default' is torch's own count")
+    p.add_argument("--json", help="also write the results to this file (rewritten after every row)")
     p.set_defaults(func=run_bench)

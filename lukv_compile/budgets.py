@@ -56,10 +56,11 @@ def adaptive_keep(scores: torch.Tensor, totals: torch.Tensor, floor_share: float
     picked unless a row's budget exceeds its real tokens.
     """
     b, h, t = scores.shape
-    floor = (floor_share * totals.double() / h).floor().long().clamp(max=t)  # [B]
+    held = (scores > float("-inf")).sum(dim=-1)  # [B, H] tokens each head can keep
+    floor = torch.minimum((floor_share * totals.double() / h).floor().long()[:, None], held)  # [B, H]
     ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    rest = scores.masked_fill(ranks < floor[:, None, None], float("-inf")).reshape(b, h * t)
+    rest = scores.masked_fill(ranks < floor[..., None], float("-inf")).reshape(b, h * t)
     rest_ranks = rest.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).view(b, h, t)
-    remaining = totals - floor * h
+    remaining = totals - floor.sum(dim=-1)  # a short head's unused floor goes to the others
     extra = (rest_ranks < remaining[:, None, None]).sum(dim=-1)
-    return (floor[:, None] + extra).clamp(max=t)
+    return (floor + extra).clamp(max=t)

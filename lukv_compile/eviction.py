@@ -42,7 +42,8 @@ class Candidates:
 
 def score_candidates(scorer: str, q: torch.Tensor, cand: Candidates, scale: float) -> torch.Tensor:
     """Scores [B, H, T] of `scorer` (the GPU swaps in Triton SnapKV where the layout allows)."""
-    if q.is_cuda and scorer == "snapkv" and bool((cand.valid == cand.valid[:, :1]).all()):
+    prompt = q.shape[2] == cand.keys.shape[2]  # the Triton kernel takes its window queries from the keys' end
+    if q.is_cuda and scorer == "snapkv" and prompt and bool((cand.valid == cand.valid[:, :1]).all()):
         from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores
 
         return triton_snapkv_scores(q, cand.keys, cand.valid[:, 0], scale)

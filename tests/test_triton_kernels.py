@@ -66,7 +66,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Outputs are rounded to the input dtype; on GPU fp16/bf16 probabilities also go through the tensor cores.
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=1e-2),
              torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-EXAMPLES = settings(max_examples=25 if DEVICE == "cpu" else 100, deadline=None)
+EXAMPLES = settings(max_examples=40 if DEVICE == "cpu" else 100, deadline=None)
 GARBAGE = 50.0  # free slots hold stale finite values; a kernel that reads one is off by about this much
 
 # Segment lengths around the 64-slot tile: empty, single, one under/over a tile, several tiles.
@@ -208,4 +208,17 @@ def test_eviction_scores_a_chunk_with_triton_snapkv_on_gpu():
     counts = np.array([40, 35])
     on_gpu = score_candidates("snapkv", q.cuda(), Candidates.from_chunk(k.cuda(), v.cuda(), counts, 0), 0.25)
     on_cpu = score_candidates("snapkv", q, Candidates.from_chunk(k, v, counts, 0), 0.25)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="eviction only swaps in the Triton scorer for CUDA tensors")
+def test_eviction_scores_a_store_with_equal_heads_on_gpu():
+    gen = torch.Generator().manual_seed(4)
+    store = RaggedStore(1, 2, 16, torch.float32, torch.device(DEVICE))
+    k = torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE)
+    store.append(k, k, np.array([40]), 0)  # both heads hold 40 tokens: row-uniform valid
+    q = torch.randn(1, 4, 1, 16, generator=gen)  # a decode step's queries
+    on_gpu = score_candidates("snapkv", q.to(DEVICE), Candidates.from_store(store), 0.25)
+    cand = Candidates.from_store(store)
+    on_cpu = scorers.score("snapkv", q, cand.keys.cpu(), cand.values.cpu(), cand.valid.cpu(), 0.25)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-6, rtol=1e-4)

@@ -23,8 +23,8 @@ DEFAULT_TASKS = "passkey,niah_single,niah_multikey,variable_tracking"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, KV memory and decode latency of the eviction methods",
-                       description="Prefill each task's context, compress it, then feed the question one token "
-                                   "at a time and decode greedily; every method runs through the same LUKVCache.")
+                       description="Prefill each task's context, compress it, then feed the question in one "
+                                   "forward and decode greedily; every method runs through the same LUKVCache.")
     p.add_argument("--model", default="smollm2", help="model name (smollm2, gemma3) or a saved transformers folder")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
                    f"(default {DEFAULT_TASKS})")
@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                    help="chat template or plain text (default chat: the better one on the full cache)")
     p.add_argument("--inner", choices=INNER_COMPILERS, default="inductor",
                    help="compiler behind the lukv backend (default inductor; latency is only meaningful with it)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill each context in chunks of this many tokens, evicting after each (default: whole)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
     p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
@@ -68,6 +70,7 @@ def canonical_command(args, tasks, contexts, compressions, methods) -> str:
              f"--samples {args.samples} --compression {','.join(f'{c:g}' for c in compressions)}",
              f"--methods {','.join(methods)} --prompt-format {args.prompt_format} --inner {args.inner}",
              f"--seed {args.seed}"]
+    parts += [f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else []
     parts += [f"--threads {args.threads}"] if args.threads else []
     parts += [f"--json {args.json}"] if args.json else []
     parts += [f"--out {args.out}"] if args.out else []
@@ -88,6 +91,8 @@ def run(args) -> int:
     check_evaluation(tasks, contexts, args.samples, compressions)
     check_output(args.json, "json")
     check_output(args.out, "out")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -95,7 +100,8 @@ def run(args) -> int:
     model, tokenizer = load_model_arg(args.model, "float32")
     start = time.perf_counter()
     rows = evaluate(model, tokenizer, methods, tasks, contexts, args.samples, compressions, seed=args.seed,
-                    progress=not args.no_progress, prompt_format=args.prompt_format, inner=args.inner)
+                    progress=not args.no_progress, prompt_format=args.prompt_format, inner=args.inner,
+                    prefill_chunk=args.prefill_chunk)
     elapsed = time.perf_counter() - start
     meta = {
         "command": f"`{canonical_command(args, tasks, contexts, compressions, methods)}`",

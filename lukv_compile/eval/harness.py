@@ -19,6 +19,7 @@ from lukv_compile.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.eval.methods import ProfileMissingError, make_cache, parse_methods
 from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
+from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
 
 PROMPT_FORMATS = ("chat", "plain")
@@ -80,10 +81,13 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
 
 
 @torch.no_grad()
-def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int]) -> Generation:
-    """Prefill + evict, the question in one forward, then greedy decoding until a stop token."""
+def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int],
+               prefill_chunk: int | None = None) -> Generation:
+    """Prefill + evict (in chunks of `prefill_chunk`, if given), the question in one forward, then greedy
+    decoding until a stop token."""
     device = model.device
-    compiled(input_ids=prompt.context_ids.to(device), cache=cache, logits_to_keep=1)
+    chunked_prefill(compiled, cache, prompt.context_ids.to(device), chunk=prefill_chunk or prompt.context_ids.shape[1],
+                    logits_to_keep=1)
     question = torch.tensor([prompt.question_ids], device=device)
     next_token = int(compiled(input_ids=question, cache=cache, logits_to_keep=1).logits[0, -1].argmax())
     answer, steps = [], []
@@ -142,7 +146,7 @@ def summarize(method: str, compression: float, task: str, context_tokens: int,
 
 def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tokens: list[int], samples: int,
              compressions: list[float], seed: int = 0, progress: bool = True, prompt_format: str = "chat",
-             inner: str = "inductor", compiled=None) -> list[Row]:
+             inner: str = "inductor", compiled=None, prefill_chunk: int | None = None) -> list[Row]:
     """One Row per (method, compression, task, context length); methods without a profile are skipped.
 
     `compiled` is the model compiled with the lukv backend (made here with `inner` if not given).
@@ -168,7 +172,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
                 scores, generations = [], []
                 for sample, prompt in zip(task_samples, prompts, strict=True):
                     generation = run_sample(compiled, model, make_cache(method, model, compression), prompt,
-                                            stop_ids)
+                                            stop_ids, prefill_chunk)
                     scores.append(score(sample, tokenizer.decode(generation.tokens, skip_special_tokens=True)))
                     generations.append(generation)
                     bar.update(1)

@@ -162,7 +162,7 @@ def check_decode_inputs(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
                             seg_len: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """Same contract as `reference.decode_attention`; `num_splits` None picks `default_num_splits`."""
+    """As `reference.segment_attention` on one-token chunks; `num_splits` None picks `default_num_splits`."""
     check_decode_inputs(q, keys, values, seg_start, seg_len)
     b, hq, _, d = q.shape
     kv_heads = seg_start.numel()
