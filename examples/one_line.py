@@ -38,10 +38,10 @@ prompt_len = inputs.input_ids.shape[1]
 
 # Per-head budgets: the LU-KV SnapKV profile shipped for this model (a path or a Profile), or a file made
 # with `lukv profile`; None means the same budget for every head.
-profile = Path(args.profile) if args.profile else profile_path(model, "snapkv")
-profile = profile if profile.exists() else None
+shipped = profile_path(model, "snapkv")
+profile = Path(args.profile) if args.profile else shipped if shipped.exists() else None
 
-# The one line.
+# The one line. (In place instead: model.compile(backend="lukv", options={...}); model.generate(...).)
 compiled = torch.compile(model, backend="lukv",
                          options={"compression": args.compression, "profile": profile, "inner": args.inner})
 

@@ -47,14 +47,15 @@ def rewrite_attention(gm: fx.GraphModule) -> list[AttentionSite]:
             "lukv: this forward's attention reads no LUKVCache, so nothing would be compressed. Generate with "
             "the compiled model (it creates the cache), or pass cache=lukv_compile.LUKVCache(model.config, ...) "
             "to a hand-written forward")
+    exact = [site.module_path for site in sites if site.marker is None]
+    if exact:
+        report_once(f"lukv: {len(exact)} attention layer(s) left exact, their K/V do not come from a LUKVCache "
+                    f"ragged layer (sliding-window layers): {', '.join(exact)}")
+        counters["lukv"]["sdpa_left_exact"] += len(exact)
     for site in sites:
-        if site.marker is None:
-            report_once(f"lukv: attention {site.module_path} left exact: its K/V do not come from a LUKVCache "
-                        "ragged layer (a sliding-window layer)")
-            counters["lukv"]["sdpa_left_exact"] += 1
-            continue
-        rewrite_site(gm.graph, site)
-        counters["lukv"]["sdpa_rewritten"] += 1
+        if site.marker is not None:
+            rewrite_site(gm.graph, site)
+            counters["lukv"]["sdpa_rewritten"] += 1
     gm.graph.lint()
     gm.recompile()
     return sites
