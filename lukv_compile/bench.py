@@ -16,7 +16,8 @@ thread count at compile time) and per context, on the same prompt:
   generate   prefill + --e2e-tokens new tokens (greedy, min = max new tokens), lukv vs plain, each after
              a short warm-up generate.
   attention  the decode attention op alone over the lukv cache's real storage vs full-cache SDPA.
-  compile_s  first calls minus the warm medians: compilation plus other first-call costs.
+  compile_s  per contender, the first prefill and the WARMUP_STEPS first decode steps minus the warm
+             medians: compilation plus other first-call costs (about 0 for plain; noise can make it < 0).
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOpti
         say(f"  prefill x{1 + opts.prefill_repeats} each (the first compiles): {', '.join(runs)} ...")
         prefill, state = measure_prefill(runs, ids, tokens, opts.prefill_repeats)
         say(f"  decode {opts.steps} steps interleaved ({WARMUP_STEPS} warm-up): {', '.join(DECODERS)} ...")
+        del state[NO_EVICTION]  # its uncompressed cache is not decoded from
         decode = measure_decode(decoders, state, opts.steps)
         say(f"  generate prefill + {opts.e2e_tokens} tokens: lukv, plain ...")
         e2e = measure_generate({name: runs[name] for name in ("lukv", "plain")}, ids, opts.e2e_tokens)
@@ -292,6 +294,7 @@ def bench_threads(models: dict[str, Any], profile: Profile, prompt_ids: Callable
     # The three instances share their forwards' code objects, so their variants count against one limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     runs = contenders(models, profile, opts)
+    say(f"threads {label} ({threads}): lukv and static compile ({opts.inner}) at their first prefill and decode steps")
     for context in contexts:
         say(f"context {context}, threads {label} ({threads}):")
         yield {"context": context, "threads": label, "num_threads": threads,
@@ -318,6 +321,8 @@ def report(rows: Iterator[dict], result: dict, path: str | None) -> dict:
 
 
 def run_bench(args) -> None:
+    import transformers
+
     from lukv_compile.models import load_model
 
     opts, settings = BenchOptions.from_args(args), thread_settings(args.threads)
@@ -328,7 +333,8 @@ def run_bench(args) -> None:
     profile = shipped_profile(models["lukv"])
     rows = (row for label, threads in settings
             for row in bench_threads(models, profile, passkey_ids(tokenizer), args.contexts, opts, label, threads))
-    report(rows, {"model": args.model, "profile": profile.calibration}, args.json)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    report(rows, {"model": args.model, "profile": profile.calibration, **versions}, args.json)
 
 
 def add_demo(sub) -> None:
