@@ -8,7 +8,7 @@ changing it never recompiles. The backend itself only reads `inner`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lukv_compile.profile import SCORERS, Profile
@@ -81,9 +81,3 @@ class LUKVSettings:
         if unknown:
             raise ValueError(f"unknown lukv option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
         return cls(**options)
-
-    def with_changes(self, **changes) -> LUKVSettings:
-        return replace(self, **changes)
-
-
-OPTION_NAMES = tuple(f.name for f in fields(LUKVSettings))

@@ -425,18 +425,24 @@ def kept_dense_mask(store: RaggedStore, cand: Candidates) -> torch.Tensor:
     return mask
 
 
+def eviction_case(data, batch, heads, group, c, sink, window, seed):
+    """A random store, its candidates, and per-head budgets between the protected count and a bit over the count."""
+    builder, q = build_for_eviction(data, batch, heads, group, c, 8, seed)
+    cand = Candidates.from_store(builder.store)
+    count = cand.valid.sum(dim=-1)
+    protected_count = torch.clamp(count, max=sink + window)
+    budget = np.array([[data.draw(st.integers(int(protected_count[r, h_]), int(count[r, h_]) + 3), label="budget")
+                        for h_ in range(heads)] for r in range(batch)], dtype=np.int64)
+    return builder.store, builder.model, q, cand, count, protected_count, budget
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 2), st.integers(1, 4), st.sampled_from(SCORERS),
        st.integers(0, 2), st.integers(0, 3), st.integers(0, 2**16), st.data())
 def test_evict_keeps_each_heads_top_budget_and_every_protected_token(batch, heads, group, c, scorer, sink, window,
                                                                       seed, data):
-    builder, q = build_for_eviction(data, batch, heads, group, c, 8, seed)
-    store, model = builder.store, builder.model
-    cand = Candidates.from_store(store)
-    count = cand.valid.sum(dim=-1)
-    protected_count = torch.clamp(count, max=sink + window)
-    budget = np.array([[data.draw(st.integers(int(protected_count[r, h_]), int(count[r, h_]) + 3), label="budget")
-                        for h_ in range(heads)] for r in range(batch)], dtype=np.int64)
+    store, model, q, cand, count, protected_count, budget = eviction_case(data, batch, heads, group, c, sink, window,
+                                                                          seed)
     scores = protect_and_mask(scorers.score(scorer, q, cand.keys, cand.values, cand.valid, 0.3), cand.valid,
                               sink, window)
     evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=False, scale=0.3)
@@ -456,13 +462,7 @@ def test_evict_keeps_each_heads_top_budget_and_every_protected_token(batch, head
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.sampled_from(SCORERS), st.integers(0, 2),
        st.integers(0, 3), st.integers(0, 2**16), st.data())
 def test_adaptive_evict_keeps_the_row_total(batch, heads, c, scorer, sink, window, seed, data):
-    builder, q = build_for_eviction(data, batch, heads, 2, c, 8, seed)
-    store, model = builder.store, builder.model
-    cand = Candidates.from_store(store)
-    count = cand.valid.sum(dim=-1)
-    protected_count = torch.clamp(count, max=sink + window)
-    budget = np.array([[data.draw(st.integers(int(protected_count[r, h_]), int(count[r, h_]) + 3), label="budget")
-                        for h_ in range(heads)] for r in range(batch)], dtype=np.int64)
+    store, model, q, cand, count, protected_count, budget = eviction_case(data, batch, heads, 2, c, sink, window, seed)
     # AdaKV first gives every head a floor share of the row's total (at most what the head holds).
     floor = np.minimum(np.floor(0.2 * budget.sum(axis=1) / heads).astype(np.int64)[:, None], count.numpy())
     evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=True, scale=0.3)

@@ -1,1 +1,2 @@
-"""Kernels: the lukv:: custom ops (ops.py), their PyTorch reference (reference.py) and Triton kernels."""
+"""Kernels: the lukv:: custom ops (ops.py), the PyTorch kernels on the ragged layout (reference.py, the CPU
+path) and the Triton kernels (CUDA)."""
