@@ -84,7 +84,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def __init__(self, cache: LUKVCache, layer_idx: int):
         super().__init__()
-        self.settings, self.profile = cache.settings, cache.profile
+        self.settings, self.profile, self.checked_masks = cache.settings, cache.profile, cache.checked_masks
         self.handle, self.layer_idx = cache.handle, layer_idx
         self.num_kv_heads = cache.num_kv_heads
         self.store: RaggedStore | None = None
@@ -133,20 +133,22 @@ class RaggedLayer(CacheLayerMixin):
         protected = self.profile.sink + self.profile.window
         return keep_counts(self.profile, self.settings.compression, real_tokens, protected)[:, self.layer_idx]
 
-    def eviction_due(self, was_empty: bool, chunk: int, length: np.ndarray, budget: np.ndarray) -> bool:
-        """Whether heads holding `length` [B, H] tokens are compressed to `budget` after this chunk."""
-        if (length <= budget).all():
-            return False  # nothing over budget (compression 0, short contexts)
+    def due_budget(self, was_empty: bool, chunk: int, length: np.ndarray, real_tokens: np.ndarray) -> np.ndarray | None:
+        """The keep counts [B, H] to compress heads holding `length` tokens to after this chunk, or None."""
         when = self.settings.evict
-        if was_empty or self.evict_every_chunk or (chunk > 1 and when in ("turn", "always")):
-            return True
-        return when == "always" and bool((length - budget >= DECODE_SLACK).any())
+        at_once = was_empty or self.evict_every_chunk or (chunk > 1 and when in ("turn", "always"))
+        if not at_once and when != "always":
+            return None  # the common decode step: no budget lookup at all
+        budget = self.budget(real_tokens)
+        over = length - budget
+        # Decoding with evict="always": wait until a head is DECODE_SLACK over, so eviction is amortised.
+        return budget if (over > 0).any() and (at_once or (over >= DECODE_SLACK).any()) else None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                is_causal: bool, scale: float) -> torch.Tensor:
         """Attention of a chunk of C new tokens over the kept tokens and the chunk; then evict if due."""
         b, h, c, d = k.shape
-        counts = chunk_real_counts(attn_mask, is_causal, b, c, self.layer_idx)
+        counts = self.real_counts(attn_mask, is_causal, b, c)
         if self.store is None:
             self.store = RaggedStore(b, h, d, k.dtype, k.device)
             self.real_tokens = np.zeros(b, dtype=np.int64)
@@ -155,25 +157,36 @@ class RaggedLayer(CacheLayerMixin):
                                  f"{b}; call cache.reset() before a new batch")
         store, first = self.store, self.seen
         real_tokens = self.real_tokens + counts
-        budget = self.budget(real_tokens)
-        evict_step = dict(q=q, budget=budget, scorer=self.profile.scorer, sink=self.profile.sink,
-                          window=self.profile.window, adaptive=self.settings.policy == "adakv", scale=scale)
+        step = dict(q=q, scorer=self.profile.scorer, sink=self.profile.sink, window=self.profile.window,
+                    adaptive=self.settings.policy == "adakv", scale=scale)
         if store.num_tokens == 0:
             # The prompt: exact attention over it; the budget is kept straight from it (never stored whole).
             causal = is_causal and attn_mask is None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
                                                  enable_gqa=True)
-            if self.eviction_due(True, c, np.broadcast_to(counts[:, None], (b, h)), budget):
-                evict(store, Candidates.from_chunk(k, v, counts, first), **evict_step)
+            budget = self.due_budget(True, c, np.repeat(counts[:, None], h, axis=1), real_tokens)
+            if budget is not None:
+                evict(store, Candidates.from_chunk(k, v, counts, first), budget=budget, **step)
             else:
                 store.append(k, v, counts, first)
         else:
             store.append(k, v, counts, first)
             out = self.attend_stored(q, counts, scale)
-            if self.eviction_due(False, c, store.length, budget):
-                evict(store, Candidates.from_store(store), **evict_step)
+            budget = self.due_budget(False, c, store.length, real_tokens)
+            if budget is not None:
+                evict(store, Candidates.from_store(store), budget=budget, **step)
         self.seen, self.real_tokens = first + c, real_tokens
         return out.contiguous()
+
+    def real_counts(self, attn_mask: torch.Tensor | None, is_causal: bool, batch: int, chunk: int) -> np.ndarray:
+        """`chunk_real_counts`, checked once per forward: every layer of a forward gets the same mask tensor."""
+        if attn_mask is None:
+            return chunk_real_counts(None, is_causal, batch, chunk, self.layer_idx)
+        key = (attn_mask.data_ptr(), tuple(attn_mask.shape), self.seen)  # seen: unique to this forward
+        if key not in self.checked_masks:
+            self.checked_masks.clear()
+            self.checked_masks[key] = chunk_real_counts(attn_mask, is_causal, batch, chunk, self.layer_idx)
+        return self.checked_masks[key]
 
     def attend_stored(self, q: torch.Tensor, counts: np.ndarray, scale: float) -> torch.Tensor:
         store = self.store
@@ -247,6 +260,7 @@ class LUKVCache(Cache):
                              "shorter than the window), set config.sliding_window = None")
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
+        self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
         self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
         self.handle = handles.new_handle(self)
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
@@ -264,6 +278,7 @@ class LUKVCache(Cache):
         return total
 
     def reset(self) -> None:
+        self.checked_masks.clear()
         for layer in self.layers:
             layer.reset()
 

@@ -95,6 +95,9 @@ class RaggedStore:
         grown = self.length + counts[:, None]
         if (grown > self.cap).any():
             self._move(self.start, self.length, np.where(grown > self.cap, grown + room_for(grown), self.cap))
+        if c == 1 and (counts == 1).all():  # a decode step: one slot per head, no masks
+            self._append_one(k, v, first_position)
+            return
         chunk_index = np.arange(c)
         real = chunk_index[None, :] >= (c - counts)[:, None]  # [B, C]
         selected = torch.as_tensor(np.repeat(real[:, None, :], h, axis=1), device=k.device)
@@ -105,6 +108,14 @@ class RaggedStore:
         token_pos = torch.arange(first_position, first_position + c, device=self.device).expand(b, h, c)
         self.positions[dst] = token_pos[selected].to(self.positions.dtype)
         self.length = grown
+        self._device_metadata = None
+
+    def _append_one(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+        slots = torch.as_tensor((self.start + self.length).reshape(-1), device=self.device)
+        self.keys.index_copy_(0, slots, k.reshape(-1, self.head_dim).to(self.keys.dtype))
+        self.values.index_copy_(0, slots, v.reshape(-1, self.head_dim).to(self.values.dtype))
+        self.positions.index_fill_(0, slots, position)
+        self.length = self.length + 1
         self._device_metadata = None
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
