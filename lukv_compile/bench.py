@@ -34,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lukv_compile.arguments import compression_arg, positive_int
 from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
 from lukv_compile.kernels.reference import segment_attention
+from lukv_compile.models import MODELS
 from lukv_compile.profile import Profile
 
 WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
@@ -339,9 +341,10 @@ def run_bench(args) -> None:
 
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="generate on the real model with the LU-KV cache and show the bytes saved")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--context", type=int, default=2048, help="prompt length in tokens")
-    p.add_argument("--compression", type=float, default=0.8)
+    p.add_argument("--model", default="smollm2", help=f"registered model name ({', '.join(MODELS)}; default smollm2)")
+    p.add_argument("--context", type=positive_int, default=2048, help="prompt length in tokens (default 2048)")
+    p.add_argument("--compression", type=compression_arg, default=0.8,
+                   help="fraction of the prompt's KV removed, in [0, 1) (default 0.8)")
     p.add_argument("--inner", default="aot_eager", choices=("inductor", "aot_eager", "eager"),
                    help="compiler after the lukv pass (inductor compiles for minutes on a 2-core CPU)")
     p.set_defaults(func=run_demo)
@@ -350,9 +353,11 @@ def add_demo(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="KV bytes, prefill, decode and generate time: LU-KV vs plain and static")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192])
-    p.add_argument("--compression", type=float, default=0.8)
+    p.add_argument("--model", default="smollm2", help=f"registered model name ({', '.join(MODELS)}; default smollm2)")
+    p.add_argument("--contexts", type=lambda s: [positive_int(x) for x in s.split(",")], default=[1024, 4096, 8192],
+                   help="comma-separated prompt lengths in tokens (default 1024,4096,8192)")
+    p.add_argument("--compression", type=compression_arg, default=0.8,
+                   help="fraction of the prompt's KV removed, in [0, 1) (default 0.8)")
     p.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"),
                    help="compiler after the lukv pass, also the static baseline's compiler")
     p.add_argument("--steps", type=int, default=20, help=f"decode steps per context ({WARMUP_STEPS} warm-up)")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lukv_compile.arguments import compression_arg, non_negative_int, positive_int
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
-from lukv_compile.profile import NUM_RATIOS, SCORERS, Profile, ProfileError, check_compression, check_scorer
+from lukv_compile.profile import NUM_RATIOS, SCORERS, Profile, ProfileError, check_scorer
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -29,29 +30,6 @@ CURVES_SUFFIX = ".curves.npz"
 
 class CommandError(ValueError):
     """A bad command-line argument, reported as `lukv: error: ...` with exit status 2."""
-
-
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with an error naming the bad value."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-
-def compression_arg(text: str) -> float:
-    try:
-        return check_compression(float(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- profile
