@@ -31,10 +31,11 @@ def random_ids(context: int) -> torch.Tensor:
 
 
 @pytest.fixture
-def restore_threads(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+def restore_threads():
+    """The bench raises Dynamo's recompile limit and sets the thread count: undo both for later tests."""
     threads = torch.get_num_threads()
-    yield
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
     torch.set_num_threads(threads)
 
 
