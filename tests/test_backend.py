@@ -244,7 +244,7 @@ def test_backend_registered_once_both_ways():
     # Fresh interpreters: entry point first (torch imports the package), then import-first.
     use = ("import torch.nn.functional as F; from tiny_models import tiny_model; from lukv_compile import LUKVCache; "
            "m = tiny_model(); c = torch.compile(m, backend='lukv', options={'inner': 'eager'}); "
-           "c(input_ids=torch.ones(1, 5, dtype=torch.long), cache=LUKVCache(m.config))")
+           "torch.set_grad_enabled(False); c(input_ids=torch.ones(1, 5, dtype=torch.long), cache=LUKVCache(m.config))")
     entry_first = f"import torch; {use}"
     import_first = f"import lukv_compile, torch; {use}"
     for code in (entry_first, import_first):
@@ -277,3 +277,13 @@ def test_no_cache_is_a_clear_error_not_a_silent_uncompressed_run():
     compiled = torch.compile(model, backend="lukv", options={"inner": "eager"})
     with torch.no_grad(), pytest.raises(Exception, match="reads no LUKVCache"):
         compiled(input_ids=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_a_forward_that_tracks_gradients_is_a_clear_error():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager"})
+    with pytest.raises(Exception, match="tracks gradients.*torch.no_grad"):
+        compiled(input_ids=torch.ones(1, 8, dtype=torch.long), cache=LUKVCache(model.config))
+    with torch.no_grad():  # and the same compiled model then works
+        out = compiled(input_ids=torch.ones(1, 8, dtype=torch.long), cache=LUKVCache(model.config))
+    assert out.logits.shape[1] == 8

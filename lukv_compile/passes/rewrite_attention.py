@@ -52,6 +52,13 @@ def rewrite_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         report_once(f"lukv: {len(exact)} attention layer(s) left exact, their K/V do not come from a LUKVCache "
                     f"ragged layer (sliding-window layers): {', '.join(exact)}")
         counters["lukv"]["sdpa_left_exact"] += len(exact)
+    served = [site for site in sites if site.marker is not None]
+    if served and torch.is_grad_enabled() and any(p.meta.get("example_value") is not None and
+                                                  getattr(p.meta["example_value"], "requires_grad", False)
+                                                  for p in gm.graph.find_nodes(op="placeholder")):
+        raise UnsupportedAttention("lukv: this forward tracks gradients, but KV eviction is for inference and "
+                                   "has no backward: call the model under torch.no_grad() or "
+                                   "torch.inference_mode() (generate() does this itself)")
     for site in sites:
         if site.marker is not None:
             rewrite_site(gm.graph, site)
