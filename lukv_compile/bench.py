@@ -90,7 +90,7 @@ def run_demo(args) -> None:
     say(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}")
     say(f"answer: {answer.strip()!r}  ({'found' if found else 'missed'} the passkey {', '.join(answers)})")
     say(f"KV cache: {out.cache.nbytes() / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB uncompressed "
-          f"({out.cache.nbytes() / full:.3f}x); generate took {seconds:.1f} s including compilation")
+        f"({out.cache.nbytes() / full:.3f}x); generate took {seconds:.1f} s including compilation")
 
 
 def say(message: str) -> None:

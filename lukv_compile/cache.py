@@ -86,7 +86,6 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self.settings, self.profile, self.checked_masks = cache.settings, cache.profile, cache.checked_masks
         self.handle, self.layer_idx = cache.handle, layer_idx
-        self.num_kv_heads = cache.num_kv_heads
         self.store: RaggedStore | None = None
         self.seen = 0  # positions consumed, padding included: the next token's position
         self.real_tokens = np.zeros(0, dtype=np.int64)  # [B] real tokens each row has had (its context length)
@@ -157,8 +156,6 @@ class RaggedLayer(CacheLayerMixin):
                                  f"{b}; call cache.reset() before a new batch")
         store, first = self.store, self.seen
         real_tokens = self.real_tokens + counts
-        step = dict(q=q, scorer=self.profile.scorer, sink=self.profile.sink, window=self.profile.window,
-                    adaptive=self.settings.policy == "adakv", scale=scale)
         if store.num_tokens == 0:
             # The prompt: exact attention over it; the budget is kept straight from it (never stored whole).
             causal = is_causal and attn_mask is None
@@ -166,7 +163,7 @@ class RaggedLayer(CacheLayerMixin):
                                                  enable_gqa=True)
             budget = self.due_budget(True, c, np.repeat(counts[:, None], h, axis=1), real_tokens)
             if budget is not None:
-                evict(store, Candidates.from_chunk(k, v, counts, first), budget=budget, **step)
+                self.evict_to(budget, Candidates.from_chunk(k, v, counts, first), q, scale)
             else:
                 store.append(k, v, counts, first)
         else:
@@ -174,9 +171,14 @@ class RaggedLayer(CacheLayerMixin):
             out = self.attend_stored(q, counts, scale)
             budget = self.due_budget(False, c, store.length, real_tokens)
             if budget is not None:
-                evict(store, Candidates.from_store(store), budget=budget, **step)
+                self.evict_to(budget, Candidates.from_store(store), q, scale)
         self.seen, self.real_tokens = first + c, real_tokens
         return out.contiguous()
+
+    def evict_to(self, budget: np.ndarray, candidates: Candidates, q: torch.Tensor, scale: float) -> None:
+        p = self.profile
+        evict(self.store, candidates, q=q, budget=budget, scorer=p.scorer, sink=p.sink, window=p.window,
+              adaptive=self.settings.policy == "adakv", scale=scale)
 
     def real_counts(self, attn_mask: torch.Tensor | None, is_causal: bool, batch: int, chunk: int) -> np.ndarray:
         """`chunk_real_counts`, checked once per forward: every layer of a forward gets the same mask tensor."""

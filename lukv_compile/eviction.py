@@ -1,6 +1,6 @@
 """One eviction step for one layer: score -> budgets -> select -> rebuild the storage at the kept tokens.
 
-Runs inside the `lukv::attend` op when the cache's settings call for it (cache.RaggedLayer.eviction_due).
+Runs inside the `lukv::attend` op when the cache's settings call for it (cache.RaggedLayer.due_budget).
 The candidates are given right-aligned as [B, H, T] (a prompt with left padding, or `RaggedStore.dense()`),
 so the same step serves the prompt, a new turn, a prefill chunk and a long decode.
 """

@@ -84,7 +84,7 @@ def compiled_with_lukv(model) -> CompiledWithLUKV | None:
     return None
 
 
-def check_generate_request(model, plan: CompiledWithLUKV, kwargs: dict) -> None:
+def check_generate_request(model, kwargs: dict) -> None:
     config = kwargs.get("generation_config") or model.generation_config
     if kwargs.get("assistant_model") is not None or kwargs.get(
             "prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None)) is not None:
@@ -123,10 +123,8 @@ def compiled_forward(model, plan: CompiledWithLUKV):
     if plan.context is None:  # model.compile(): the model calls its compiled forward already
         yield
         return
-    if plan.route is None:
-        in_place = model.__dict__.get("_lukv_compiled")
-        plan.route = plan.context(model._call_impl)  # (this compile call marks the model: undo that)
-        model.__dict__["_lukv_compiled"] = in_place
+    if plan.route is None:  # Dynamo's own call, not our hook: this is not a model.compile() by the user
+        plan.route = _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl)
     model._compiled_call_impl = plan.route
     try:
         yield
@@ -154,7 +152,7 @@ def lukv_generate(original):
                                  "call model.compile(backend='lukv', options=...) or use "
                                  "torch.compile(model, backend='lukv', options=...) first")
             return original(self, *args, **kwargs)
-        check_generate_request(self, plan, kwargs)
+        check_generate_request(self, kwargs)
         cache = kwargs[cache_key] = cache_for_generate(self, plan, cache)
         with compiled_forward(self, plan):
             if cache.settings.prefill_chunk is not None:

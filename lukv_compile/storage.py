@@ -24,6 +24,11 @@ def room_for(length: np.ndarray) -> np.ndarray:
     return np.maximum(MIN_ROOM, length // ROOM_SHARE)
 
 
+def starts_of(cap: np.ndarray) -> np.ndarray:
+    """Segment starts [B, H] of heads laid out back to back (b-major) with capacities `cap` [B, H]."""
+    return (np.cumsum(cap) - cap.reshape(-1)).reshape(cap.shape)
+
+
 def segment_slots(start: np.ndarray, length: np.ndarray) -> np.ndarray:
     """Flat slot indices of every held token, head after head (b-major, then h), in sequence order."""
     start, length = start.reshape(-1), length.reshape(-1)
@@ -72,7 +77,7 @@ class RaggedStore:
 
     def _move(self, src_start: np.ndarray, length: np.ndarray, cap: np.ndarray) -> None:
         """Copy the `length` [B, H] tokens at slots `src_start` into fresh buffers laid out with capacities `cap`."""
-        start = (np.cumsum(cap) - cap.reshape(-1)).reshape(cap.shape)
+        start = starts_of(cap)
         total = int(cap.sum())
         src = torch.as_tensor(segment_slots(src_start, length), device=self.device)
         dst = torch.as_tensor(segment_slots(start, length), device=self.device)
@@ -125,7 +130,7 @@ class RaggedStore:
         puts each head's newest token at T - 1, as left padding does for a prompt.
         """
         b, h = self.length.shape
-        t = int(self.length.max()) if self.length.size else 0
+        t = int(self.length.max())
         index = np.zeros((b, h, t), dtype=np.int64)
         valid = np.arange(t)[None, None, :] >= (t - self.length)[:, :, None]
         index[valid] = segment_slots(self.start, self.length)
@@ -144,7 +149,7 @@ class RaggedStore:
         """
         kept = selected.sum(dim=-1).cpu().numpy().astype(np.int64)
         cap = kept + room_for(kept)
-        start = (np.cumsum(cap) - cap.reshape(-1)).reshape(cap.shape)
+        start = starts_of(cap)
         dst = torch.as_tensor(segment_slots(start, kept), device=self.device)
         total = int(cap.sum())
         self.keys = self.keys.new_zeros(total, self.head_dim).index_copy_(0, dst, keys[selected].to(self.keys.dtype))
