@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.kernels.reference import segment_attention, select_tokens
+from lukv_compile.kernels.reference import segment_attention
+from lukv_compile.selection import select_tokens
 from lukv_compile.storage import RaggedStore
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
 PROFILES = Path(__file__).resolve().parents[1] / "lukv_compile" / "profiles"
-PROFILE = PROFILES / "smollm2-135m-instruct-expected_attention.safetensors"
+PROFILE = PROFILES / "smollm2-135m-instruct-window_expected_attention.safetensors"
 
 
 def profile_budgets(context: int, compression: float) -> np.ndarray:

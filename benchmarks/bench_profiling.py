@@ -24,6 +24,7 @@ from lukv_compile.profiling import (
     prune_fractions,
     record_prefill,
 )
+from lukv_compile.scorers import layer_ropes
 
 SCORERS = ("snapkv", "keydiff", "expected_attention")
 WINDOWS = {"snapkv": 32, "keydiff": 1, "expected_attention": 1}
@@ -50,9 +51,9 @@ def main() -> None:
     calib = calibration_inputs(tokenizer, context_tokens=args.context_tokens, num_questions=args.questions)
     t = calib.context_ids.numel()
     record, prefill_s = timed(lambda: record_prefill(model, calib.context_ids))
-    orders, rank_s = {}, {}
+    orders, rank_s, ropes = {}, {}, layer_ropes(model.config)
     for s in SCORERS:
-        scores, rank_s[s] = timed(lambda s=s: layer_scores(s, record.q, record.k, record.v, record.scaling))
+        scores, rank_s[s] = timed(lambda s=s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes))
         orders[s] = eviction_order(scores, 4, WINDOWS[s])
     oracle_s, solve_s, steps = [], [], []
     for i, question in enumerate(calib.question_ids):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check (one H200, <= 8 minutes): the Triton kernel tests on CUDA (tests/test_triton_kernels.py
 # with LUKV_TEST_DEVICE=cuda: triton_decode_attention vs reference.segment_attention on RaggedStore layouts,
-# triton_snapkv_scores vs scorers.snapkv_scores, the eviction's GPU scorer), then the decode microbenchmark
+# triton_window_attention_mean + scorers.snapkv vs torch SnapKV, the eviction's GPU scorer), then the decode microbenchmark
 # (benchmarks/gpu_check.py: triton_decode_attention over a RaggedStore vs flash SDPA over the full cache at
 # 8k/32k/128k). Results land in $OUT (default benchmarks/gpu_out): pytest.log, gpu_check.json, bench.log.
 # Usage (from anywhere): bash benchmarks/gpu_check.sh

@@ -30,7 +30,8 @@ from lukv_compile.models import eos_token_ids, load_model
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--context", type=int, default=1024, help="document length in tokens")
 parser.add_argument("--compression", type=float, default=0.8, help="fraction of the KV removed at each eviction")
-parser.add_argument("--scorer", default="expected_attention", choices=["snapkv", "keydiff", "expected_attention"],
+parser.add_argument("--scorer", default="window_expected_attention",
+                    choices=["snapkv", "keydiff", "window_expected_attention"],
                     help="which shipped LU-KV profile to use")
 parser.add_argument("--evict", default="turn", choices=["prompt", "turn", "always"], help="when to evict")
 parser.add_argument("--inner", default="aot_eager", choices=["inductor", "aot_eager", "eager"])

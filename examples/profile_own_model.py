@@ -27,10 +27,11 @@ import lukv_compile
 from lukv_compile.bench import passkey_prompt
 from lukv_compile.models import load_model
 from lukv_compile.profiling.run import profile_model
+from lukv_compile.scorers import SCORERS
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a saved transformers model folder")
-parser.add_argument("--scorer", default="snapkv", choices=["snapkv", "keydiff", "expected_attention", "streaming"])
+parser.add_argument("--scorer", default="snapkv", choices=SCORERS)
 parser.add_argument("--questions", type=int, default=2, help="calibration questions to profile on")
 parser.add_argument("--k-max", type=int, default=8, help="sampled decode steps per question")
 parser.add_argument("--context-tokens", type=int, default=512, help="calibration context length")

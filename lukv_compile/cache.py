@@ -24,10 +24,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from lukv_compile import handles
 from lukv_compile.budgets import keep_counts
-from lukv_compile.eviction import Candidates, evict
+from lukv_compile.eviction import Candidates, evict, real_queries
 from lukv_compile.kernels import ops  # noqa: F401  (registers the lukv:: ops)
 from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, Profile, ProfileError
+from lukv_compile.scorers import layer_ropes
 from lukv_compile.settings import LUKVSettings
 from lukv_compile.storage import RaggedStore
 
@@ -86,6 +87,7 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self.settings, self.profile, self.checked_masks = cache.settings, cache.profile, cache.checked_masks
         self.handle, self.layer_idx = cache.handle, layer_idx
+        self.rope = cache.ropes[layer_idx]  # what scorers that need RoPE (expected_attention) read
         self.store: RaggedStore | None = None
         self.seen = 0  # positions consumed, padding included: the next token's position
         self.real_tokens = np.zeros(0, dtype=np.int64)  # [B] real tokens each row has had (its context length)
@@ -163,7 +165,7 @@ class RaggedLayer(CacheLayerMixin):
                                                  enable_gqa=True)
             budget = self.due_budget(True, c, np.repeat(counts[:, None], h, axis=1), real_tokens)
             if budget is not None:
-                self.evict_to(budget, Candidates.from_chunk(k, v, counts, first), q, scale)
+                self.evict_to(budget, Candidates.from_chunk(k, v, counts, first), q, counts, scale)
             else:
                 store.append(k, v, counts, first)
         else:
@@ -171,14 +173,16 @@ class RaggedLayer(CacheLayerMixin):
             out = self.attend_stored(q, counts, scale)
             budget = self.due_budget(False, c, store.length, real_tokens)
             if budget is not None:
-                self.evict_to(budget, Candidates.from_store(store), q, scale)
+                self.evict_to(budget, Candidates.from_store(store), q, counts, scale)
         self.seen, self.real_tokens = first + c, real_tokens
         return out.contiguous()
 
-    def evict_to(self, budget: np.ndarray, candidates: Candidates, q: torch.Tensor, scale: float) -> None:
+    def evict_to(self, budget: np.ndarray, candidates: Candidates, q: torch.Tensor, counts: np.ndarray,
+                 scale: float) -> None:
         p = self.profile
         evict(self.store, candidates, q=q, budget=budget, scorer=p.scorer, sink=p.sink, window=p.window,
-              adaptive=self.settings.policy == "adakv", scale=scale)
+              adaptive=self.settings.policy == "adakv", scale=scale, rope=self.rope,
+              queries=real_queries(counts, q.shape[2], q.device))
 
     def real_counts(self, attn_mask: torch.Tensor | None, is_causal: bool, batch: int, chunk: int) -> np.ndarray:
         """`chunk_real_counts`, checked once per forward: every layer of a forward gets the same mask tensor."""
@@ -264,6 +268,7 @@ class LUKVCache(Cache):
         self.head_dim = head_dim_of(config)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
         self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
+        self.ropes = layer_ropes(config)  # once per cache: each layer's RoPE frequencies, for the scorers
         self.handle = handles.new_handle(self)
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
                   for i, kind in enumerate(self.kinds)]

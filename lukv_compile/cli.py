@@ -22,7 +22,8 @@ import numpy as np
 from lukv_compile.arguments import compression_arg, non_negative_int, positive_int
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
-from lukv_compile.profile import NUM_RATIOS, SCORERS, Profile, ProfileError, check_scorer
+from lukv_compile.profile import NUM_RATIOS, Profile, ProfileError
+from lukv_compile.scorers import SCORERS, check_scorer
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"

@@ -14,8 +14,14 @@ import torch
 
 from lukv_compile import scorers
 from lukv_compile.budgets import adaptive_keep
-from lukv_compile.kernels.reference import protect_and_mask, select_tokens
+from lukv_compile.scorers import Rope, snapkv
+from lukv_compile.selection import protect_and_mask, select_tokens
 from lukv_compile.storage import RaggedStore
+
+
+def real_queries(counts: np.ndarray, chunk: int, device: torch.device) -> torch.Tensor:
+    """[B, C] bool: the chunk's real tokens, row b's last counts[b] (the padding is on the left)."""
+    return torch.as_tensor(np.arange(chunk)[None, :] >= (chunk - counts)[:, None], device=device)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Candidates:
     def from_chunk(cls, k: torch.Tensor, v: torch.Tensor, counts: np.ndarray, first_position: int) -> Candidates:
         """A chunk [B, H, C, D] whose row b has its counts[b] real tokens at the end (left padding)."""
         b, h, c, _ = k.shape
-        real = torch.as_tensor(np.arange(c)[None, :] >= (c - counts)[:, None], device=k.device)
+        real = real_queries(counts, c, k.device)
         positions = torch.arange(first_position, first_position + c, device=k.device).expand(b, h, c)
         return cls(k, v, positions, real[:, None, :].expand(b, h, c))
 
@@ -40,24 +46,32 @@ class Candidates:
         return cls(*store.dense())
 
 
-def score_candidates(scorer: str, q: torch.Tensor, cand: Candidates, scale: float) -> torch.Tensor:
-    """Scores [B, H, T] of `scorer` (the GPU swaps in Triton SnapKV where the layout allows)."""
-    prompt = q.shape[2] == cand.keys.shape[2]  # the Triton kernel takes its window queries from the keys' end
-    if q.is_cuda and scorer == "snapkv" and prompt and bool((cand.valid == cand.valid[:, :1]).all()):
-        from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores
+def score_candidates(scorer: str, q: torch.Tensor, cand: Candidates, scale: float, rope: Rope | None = None,
+                     queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [B, H, T] of `scorer` (the GPU swaps in Triton SnapKV where the layout allows).
 
-        return triton_snapkv_scores(q, cand.keys, cand.valid[:, 0], scale)
-    return scorers.score(scorer, q, cand.keys, cand.values, cand.valid, scale)
+    rope: the layer's RoPE (scorers that need it); queries [B, C]: the chunk's real queries (None: all).
+    """
+    t = cand.keys.shape[2]
+    prompt = q.shape[2] == t  # the Triton kernel takes its window queries from the keys' end
+    if q.is_cuda and scorer == "snapkv" and prompt and bool((cand.valid == cand.valid[:, :1]).all()):
+        from lukv_compile.kernels.triton_snapkv import triton_window_attention_mean
+
+        window = min(snapkv.WINDOW, t)
+        per_token = triton_window_attention_mean(q, cand.keys, cand.valid[:, 0], scale, window)
+        return snapkv.from_window_mean(per_token, window, cand.keys.shape[1])
+    return scorers.score(scorer, q, cand.keys, cand.values, cand.valid, scale, rope=rope, queries=queries)
 
 
 def evict(store: RaggedStore, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
-          window: int, adaptive: bool, scale: float) -> None:
+          window: int, adaptive: bool, scale: float, rope: Rope | None = None,
+          queries: torch.Tensor | None = None) -> None:
     """Keep each head's top-budget[b, h] candidates (AdaKV: the row's total, split by score) in `store`.
 
     The first `sink` and last `window` tokens of each head are always kept; a head never keeps more
     than it has.
     """
-    scores = protect_and_mask(score_candidates(scorer, q, cand, scale), cand.valid, sink, window)
+    scores = protect_and_mask(score_candidates(scorer, q, cand, scale, rope, queries), cand.valid, sink, window)
     budget_t = torch.as_tensor(budget, device=scores.device)
     keep = adaptive_keep(scores, budget_t.sum(dim=-1)) if adaptive else budget_t
     keep = torch.minimum(keep, cand.valid.sum(dim=-1))

@@ -18,22 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lukv_compile.scorers import DEFAULT_WINDOW, check_scorer
+from lukv_compile.scorers import SCORERS as SCORERS  # re-exported: callers import the names from here too
+
 FORMAT_VERSION = 1
 NUM_RATIOS = 99
-SCORERS = ("snapkv", "keydiff", "expected_attention", "streaming")
-DEFAULT_WINDOW = {"snapkv": 32, "keydiff": 1, "expected_attention": 1, "streaming": 32}
 DEFAULT_SINK = 4
 REQUIRED_METADATA = ("format_version", "scorer", "sink", "window", "num_layers", "num_kv_heads")
 
 
 class ProfileError(ValueError):
     """A profile file is unreadable, corrupt, or does not fit the model it is used with."""
-
-
-def check_scorer(scorer: str) -> str:
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}; allowed: {', '.join(SCORERS)}")
-    return scorer
 
 
 def check_compression(compression: float) -> float:

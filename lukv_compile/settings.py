@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from lukv_compile.profile import SCORERS, Profile
+from lukv_compile.profile import Profile
+from lukv_compile.scorers import SCORERS
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 CACHE_POLICIES = ("lukv", "adakv")

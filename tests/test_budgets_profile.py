@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lukv_compile.budgets import adaptive_keep, keep_counts, layer_keep_counts
-from lukv_compile.kernels.reference import protect_and_mask, select_tokens
 from lukv_compile.profile import Profile, ProfileError, ratio_row
-from lukv_compile.scorers import score
+from lukv_compile.scorers import SCORERS, Rope, score
+from lukv_compile.selection import protect_and_mask, select_tokens
 
 fractions = st.integers(1, 6).flatmap(lambda layers: st.integers(1, 4).flatmap(
     lambda heads: st.lists(st.floats(0, 0.99), min_size=layers * heads, max_size=layers * heads).map(
@@ -104,12 +104,12 @@ def test_selection_keeps_protected_never_padding(t, pad, sink, window, seed):
     assert chosen[..., protected].all()
 
 
-@pytest.mark.parametrize("name", ["snapkv", "keydiff", "expected_attention", "streaming"])
+@pytest.mark.parametrize("name", SCORERS)
 def test_scorers_shape_and_gqa_granularity(name):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
     valid = torch.ones(2, 2, 50, dtype=torch.bool)
-    s = score(name, q, k, v, valid)
+    s = score(name, q, k, v, valid, rope=Rope.from_theta(16, 10000.0))
     assert s.shape == (2, 2, 50) and s.dtype == torch.float32 and torch.isfinite(s).all()
     with pytest.raises(ValueError, match="unknown scorer"):
         score("h2o", q, k, v, valid)

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lukv_compile.kernels.reference import protect_and_mask, select_tokens
 from lukv_compile.profile import NUM_RATIOS, Profile
 from lukv_compile.profiling import (
     cum_losses,
@@ -27,6 +26,7 @@ from lukv_compile.profiling import (
     record_prefill,
 )
 from lukv_compile.profiling.oracle import value_output_weights
+from lukv_compile.selection import protect_and_mask, select_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 

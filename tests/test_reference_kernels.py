@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 from lukv_compile import scorers
 from lukv_compile.budgets import adaptive_keep
 from lukv_compile.eviction import Candidates, evict
-from lukv_compile.kernels.reference import protect_and_mask, segment_attention, select_tokens
+from lukv_compile.kernels.reference import segment_attention
+from lukv_compile.scorers import SCORERS, Rope
+from lukv_compile.selection import protect_and_mask, select_tokens
 from lukv_compile.storage import MIN_ROOM, RaggedStore, room_for, segment_slots
 
 GARBAGE = 50.0  # free slots get stale finite values; a kernel that reads one is off by about this much
-SCORERS = ("snapkv", "keydiff", "expected_attention", "streaming")
+ROPE = Rope.from_theta(8, 10000.0)  # every scorer test here uses head_dim 8; expected_attention needs RoPE
 EXAMPLES = settings(max_examples=40, deadline=None)
 
 
@@ -443,9 +445,9 @@ def test_evict_keeps_each_heads_top_budget_and_every_protected_token(batch, head
                                                                       seed, data):
     store, model, q, cand, count, protected_count, budget = eviction_case(data, batch, heads, group, c, sink, window,
                                                                           seed)
-    scores = protect_and_mask(scorers.score(scorer, q, cand.keys, cand.values, cand.valid, 0.3), cand.valid,
+    scores = protect_and_mask(scorers.score(scorer, q, cand.keys, cand.values, cand.valid, 0.3, rope=ROPE), cand.valid,
                               sink, window)
-    evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=False, scale=0.3)
+    evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=False, scale=0.3, rope=ROPE)
     kept = kept_dense_mask(store, cand)
     assert torch.equal(kept.sum(dim=-1), torch.minimum(torch.as_tensor(budget), count))
     assert bool((kept | (scores != math.inf)).all()), "a protected (sink / window) token was evicted"
@@ -465,11 +467,11 @@ def test_adaptive_evict_keeps_the_row_total(batch, heads, c, scorer, sink, windo
     store, model, q, cand, count, protected_count, budget = eviction_case(data, batch, heads, 2, c, sink, window, seed)
     # AdaKV first gives every head a floor share of the row's total (at most what the head holds).
     floor = np.minimum(np.floor(0.2 * budget.sum(axis=1) / heads).astype(np.int64)[:, None], count.numpy())
-    evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=True, scale=0.3)
+    evict(store, cand, q, budget, scorer=scorer, sink=sink, window=window, adaptive=True, scale=0.3, rope=ROPE)
     kept = kept_dense_mask(store, cand)
     assert torch.equal(kept.sum(dim=(1, 2)), torch.minimum(torch.as_tensor(budget.sum(axis=1)), count.sum(dim=1)))
     assert bool((kept <= cand.valid).all())
-    scores = protect_and_mask(scorers.score(scorer, q, cand.keys, cand.values, cand.valid, 0.3), cand.valid,
+    scores = protect_and_mask(scorers.score(scorer, q, cand.keys, cand.values, cand.valid, 0.3, rope=ROPE), cand.valid,
                               sink, window)
     for row in range(batch):
         # Room for every head's floor and protected tokens: then no protected token is evicted.
@@ -509,13 +511,13 @@ def test_scores_of_held_tokens_ignore_empty_slots(scorer, batch, heads, group, c
     gen = torch.Generator().manual_seed(seed)
     k, v, valid, lengths = per_head_keys(data, batch, heads, c, 8, gen)
     q = torch.randn(batch, heads * group, c, 8, generator=gen)
-    scores = scorers.score(scorer, q, k, v, valid, 0.35)
+    scores = scorers.score(scorer, q, k, v, valid, 0.35, rope=ROPE)
     assert scores.shape == valid.shape and scores.dtype == torch.float32
     assert bool(torch.isfinite(scores[valid]).all())
     # Whatever the empty slots hold, the held tokens' scores do not move.
     junk = GARBAGE * torch.randn(2, *k.shape, generator=gen)
     k2, v2 = torch.where(valid[..., None], k, junk[0]), torch.where(valid[..., None], v, junk[1])
-    torch.testing.assert_close(scorers.score(scorer, q, k2, v2, valid, 0.35)[valid], scores[valid],
+    torch.testing.assert_close(scorers.score(scorer, q, k2, v2, valid, 0.35, rope=ROPE)[valid], scores[valid],
                                atol=1e-6, rtol=1e-6)
     # Each head scores as it would alone, with no empty slots at all (streaming: same order, shifted).
     t = valid.shape[-1]
@@ -524,7 +526,7 @@ def test_scores_of_held_tokens_ignore_empty_slots(scorer, batch, heads, group, c
             n = int(lengths[row, head])
             alone = scorers.score(scorer, q[row:row + 1, head * group:(head + 1) * group],
                                   k[row:row + 1, head:head + 1, t - n:], v[row:row + 1, head:head + 1, t - n:],
-                                  torch.ones(1, 1, n, dtype=torch.bool), 0.35)[0, 0]
+                                  torch.ones(1, 1, n, dtype=torch.bool), 0.35, rope=ROPE)[0, 0]
             mine = scores[row, head, t - n:]
             if scorer == "streaming":
                 torch.testing.assert_close(mine - (t - n), alone)

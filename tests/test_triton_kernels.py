@@ -1,4 +1,4 @@
-"""The Triton kernels against their torch references (reference.segment_attention, scorers.snapkv_scores).
+"""The Triton kernels against their torch references (reference.segment_attention, scorers.snapkv).
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are
 defined); `LUKV_TEST_DEVICE=cuda` runs the same tests on a GPU (benchmarks/gpu_check.sh). The ragged
@@ -30,13 +30,15 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lukv_compile import scorers  # noqa: E402
 from lukv_compile.eviction import Candidates, score_candidates  # noqa: E402
-from lukv_compile.kernels.reference import segment_attention, select_tokens  # noqa: E402
+from lukv_compile.kernels.reference import segment_attention  # noqa: E402
 from lukv_compile.kernels.triton_decode import (  # noqa: E402
     _decode_kernel,
     default_num_splits,
     triton_decode_attention,
 )
-from lukv_compile.kernels.triton_snapkv import triton_snapkv_scores  # noqa: E402
+from lukv_compile.kernels.triton_snapkv import triton_window_attention_mean  # noqa: E402
+from lukv_compile.scorers import ScoreInputs, snapkv  # noqa: E402
+from lukv_compile.selection import select_tokens  # noqa: E402
 from lukv_compile.storage import RaggedStore  # noqa: E402
 
 
@@ -175,8 +177,10 @@ def test_snapkv_matches_reference(b, h, group, t, head_dim, dtype, window, data)
     k = torch.randn(b, t, h, head_dim, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)  # model layout view
     padding = torch.tensor(data.draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
     valid = (torch.arange(t)[None, :] >= padding[:, None]).to(DEVICE)  # left padding, all-padding rows too
-    out = triton_snapkv_scores(q, k, valid, head_dim**-0.5, obs_window=window)
-    expected = scorers.snapkv_scores(q, k, valid[:, None, :].expand(b, h, t), head_dim**-0.5, obs_window=window)
+    w = min(window, t)
+    out = snapkv.from_window_mean(triton_window_attention_mean(q, k, valid, head_dim**-0.5, w), w, h)
+    inputs = ScoreInputs(q, k, k, valid[:, None, :].expand(b, h, t), head_dim**-0.5)
+    expected = snapkv.snapkv_scores(inputs, obs_window=window)
     assert out.shape == (b, h, t) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-4)
 
@@ -185,18 +189,18 @@ def test_snapkv_rejects_bad_inputs():
     q, k = torch.randn(1, 2, 40, 16, device=DEVICE), torch.randn(1, 1, 40, 16, device=DEVICE)
     valid = torch.ones(1, 40, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="obs_window"):
-        triton_snapkv_scores(q, k, valid, 0.25, obs_window=33)
+        triton_window_attention_mean(q, k, valid, 0.25, 33)
     with pytest.raises(ValueError, match="obs_window"):
-        triton_snapkv_scores(q, k, valid, 0.25, obs_window=0)
+        triton_window_attention_mean(q, k, valid, 0.25, 0)
     with pytest.raises(ValueError, match="valid must be bool"):
-        triton_snapkv_scores(q, k, valid.int(), 0.25)
+        triton_window_attention_mean(q, k, valid.int(), 0.25, 32)
     with pytest.raises(ValueError, match="valid must be bool"):
-        triton_snapkv_scores(q, k, valid[:, None, :].expand(1, 1, 40), 0.25)  # per-head valid: the torch path's
+        triton_window_attention_mean(q, k, valid[:, None, :].expand(1, 1, 40), 0.25, 32)  # per-head: the torch path's
     with pytest.raises(ValueError, match="q must be"):
-        triton_snapkv_scores(q, k[:, :, :30], valid, 0.25)
+        triton_window_attention_mean(q, k[:, :, :30], valid, 0.25, 32)
     with pytest.raises(ValueError, match="multiple of KV heads"):
-        triton_snapkv_scores(torch.randn(1, 3, 40, 16, device=DEVICE), torch.randn(1, 2, 40, 16, device=DEVICE),
-                             valid, 0.25)
+        triton_window_attention_mean(torch.randn(1, 3, 40, 16, device=DEVICE),
+                                     torch.randn(1, 2, 40, 16, device=DEVICE), valid, 0.25, 32)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="eviction only swaps in the Triton scorer for CUDA tensors")

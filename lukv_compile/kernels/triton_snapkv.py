@@ -5,18 +5,17 @@ Two passes over the key tiles, one program row per (batch row, query head):
      (online softmax, causal inside the window, padding masked by `valid`);
   2. `_window_mean_kernel`, one program per (head, key tile), recomputes the tile's logits, normalises
      them with those stats and writes the mean over the window queries into [B, Hq, T].
-Max-pooling along T and the GQA-group mean are cheap torch ops on that [B, Hq, T] tensor.
+The rest of SnapKV (pooling over the prefix, the GQA-group mean) is `scorers.snapkv.from_window_mean` on that
+[B, Hq, T] tensor, applied by the caller (eviction.score_candidates): kernels do not depend on scorers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from lukv_compile.kernels.triton_decode import LOG2E, MAX, SUM, needs_fp32_dot
-from lukv_compile.scorers import SNAPKV_POOL, SNAPKV_WINDOW, group_mean
 
 BLOCK_T = 64
 
@@ -125,7 +124,7 @@ def check_snapkv_inputs(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, o
 
 
 def triton_window_attention_mean(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float,
-                                 obs_window: int = SNAPKV_WINDOW) -> torch.Tensor:
+                                 obs_window: int) -> torch.Tensor:
     """[B, Hq, T] float32: attention of the last `obs_window` queries, averaged over them."""
     check_snapkv_inputs(q, k, valid, obs_window)
     b, hq, t, d = q.shape
@@ -146,10 +145,3 @@ def triton_window_attention_mean(q: torch.Tensor, k: torch.Tensor, valid: torch.
                                                           t, window, scale * LOG2E, **meta)
     return out
 
-
-def triton_snapkv_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float,
-                         obs_window: int = SNAPKV_WINDOW, pool: int = SNAPKV_POOL) -> torch.Tensor:
-    """Same contract as `scorers.snapkv_scores`: [B, H_kv, T] float32."""
-    per_token = triton_window_attention_mean(q, k, valid, scale, obs_window)
-    pooled = F.max_pool1d(per_token, kernel_size=pool, stride=1, padding=pool // 2)
-    return group_mean(pooled, k.shape[1])

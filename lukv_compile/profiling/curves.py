@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from lukv_compile import scorers
-from lukv_compile.kernels.reference import protect_and_mask
+from lukv_compile.scorers import Rope
+from lukv_compile.selection import protect_and_mask
 
 
 def check_protection(context_len: int, sink: int, window: int) -> int:
@@ -26,11 +27,15 @@ def check_protection(context_len: int, sink: int, window: int) -> int:
 
 
 def layer_scores(scorer: str, q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
-                 scaling: list[float]) -> torch.Tensor:
-    """Scores [L, H_kv, T] of `scorer` for every layer of one unpadded prefill (q/k/v [1, H, T, D] per layer)."""
+                 scaling: list[float], ropes: list[Rope | None] | None = None) -> torch.Tensor:
+    """Scores [L, H_kv, T] of `scorer` for every layer of one unpadded prefill (q/k/v [1, H, T, D] per layer).
+
+    ropes: each layer's RoPE (`scorers.layer_ropes(model.config)`), needed by expected_attention.
+    """
     valid = torch.ones(k[0].shape[:3], dtype=torch.bool, device=k[0].device)
-    return torch.stack([scorers.score(scorer, ql, kl, vl, valid, s)[0]
-                        for ql, kl, vl, s in zip(q, k, v, scaling, strict=True)])
+    ropes = [None] * len(k) if ropes is None else ropes
+    return torch.stack([scorers.score(scorer, ql, kl, vl, valid, s, rope=r)[0]
+                        for ql, kl, vl, s, r in zip(q, k, v, scaling, ropes, strict=True)])
 
 
 def eviction_order(scores: torch.Tensor, sink: int, window: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, Profile, check_scorer
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import oracle_importance, record_prefill
+from lukv_compile.scorers import layer_ropes
 
 RATIOS = np.arange(1, NUM_RATIOS + 1) / 100
 TEMPERATURE = 0.7
@@ -127,7 +128,8 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     rank, world = init_distributed()
 
     record = record_prefill(model, calib.context_ids)
-    orders = {s: eviction_order(layer_scores(s, record.q, record.k, record.v, record.scaling), sink, windows[s])
+    ropes = layer_ropes(model.config)
+    orders = {s: eviction_order(layer_scores(s, record.q, record.k, record.v, record.scaling, ropes), sink, windows[s])
               for s in scorers}
     sums = {s: np.zeros((NUM_RATIOS, record.num_layers, record.num_kv_heads)) for s in scorers}
     curves = {s: {} for s in scorers}
