@@ -19,6 +19,7 @@ from lukv_compile.profiling import (
     calibration_inputs,
     cum_losses,
     eviction_order,
+    head_graph,
     layer_scores,
     oracle_importance,
     prune_fractions,
@@ -50,6 +51,7 @@ def main() -> None:
     model, tokenizer = load_model_arg(args.model, "float32")
     calib = calibration_inputs(tokenizer, context_tokens=args.context_tokens, num_questions=args.questions)
     t = calib.context_ids.numel()
+    graph = head_graph(model.config)
     record, prefill_s = timed(lambda: record_prefill(model, calib.context_ids))
     orders, rank_s, ropes = {}, {}, layer_ropes(model.config)
     for s in SCORERS:
@@ -57,12 +59,12 @@ def main() -> None:
         orders[s] = eviction_order(scores, 4, WINDOWS[s])
     oracle_s, solve_s, steps = [], [], []
     for i, question in enumerate(calib.question_ids):
-        result, seconds = timed(lambda q=question, i=i: oracle_importance(model, record, q, args.k_max, seed=i))
+        result, seconds = timed(lambda q=question, i=i: oracle_importance(
+            model, record, q, args.k_max, seed=i, skip_layers=graph.graph["excluded_layers"]))
         oracle_s.append(seconds)
         steps.append(result.generated.numel())
         _, seconds = timed(lambda r=result: [
-            prune_fractions(cum_losses(r.importance, orders[s]), t, 4, WINDOWS[s], record.num_layers,
-                            record.num_kv_heads) for s in SCORERS])
+            prune_fractions(cum_losses(r.importance, orders[s]), t, 4, WINDOWS[s], graph) for s in SCORERS])
         solve_s.append(seconds)
     per_question = statistics.median(oracle_s) + statistics.median(solve_s)
     print(json.dumps({

@@ -17,35 +17,54 @@ POLICIES = ("lukv", "uniform", "pyramid", "adakv", "streaming")
 ADAKV_FLOOR = 0.2  # AdaKV's safeguard: every head keeps at least this share of the uniform budget
 
 
-def layer_keep_counts(prune: np.ndarray, length: int) -> np.ndarray:
+def _hand_out(base: np.ndarray, weight: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """base [L, H] plus extra[l] units for layer l, one each to its heads of largest weight (ties: lower head)."""
+    order = np.argsort(-weight, axis=1, kind="stable")
+    bonus = np.arange(base.shape[1])[None, :] < extra[:, None]
+    out = base.copy()
+    np.put_along_axis(out, order, np.take_along_axis(base, order, axis=1) + bonus, axis=1)
+    return out
+
+
+def layer_keep_counts(prune: np.ndarray, length: int, floor: int = 1) -> np.ndarray:
     """LU-KV's rounding of one context of `length` tokens: prune [L, H] -> keep counts [L, H].
 
-    Per layer: the target is round(sum of ideal keeps); floor every head, then hand the remainder one
-    by one to the largest fractional parts; clamp to [1, T].
+    Per layer the target is round(sum of ideal keeps (1 - r) T), held within [H f, H T] for the
+    floor f = min(floor, T); every head is floored and the remainder goes one by one to the largest
+    fractional parts (LU-KV's rounding). Heads below f are then raised to it and the layer pays for
+    that: the tokens are taken back from its other heads in proportion to what each keeps above f
+    (integer largest remainder, so the layer total is exact). Proportional, not largest-first,
+    because taking from the biggest heads first would flatten exactly the heads the solver judged
+    most valuable; proportional keeps the profile's relative budgets above the floor.
+    Every head ends in [f, T] and each layer sums to its target exactly.
     """
+    heads = prune.shape[1]
+    floor = min(floor, length)
     ideal = (1.0 - prune.astype(np.float64)) * length
-    target = np.rint(ideal.sum(axis=1)).astype(np.int64)
-    keep = np.floor(ideal).astype(np.int64)
-    remainder = target - keep.sum(axis=1)
-    order = np.argsort(-(ideal - keep), axis=1, kind="stable")
-    bonus = np.arange(prune.shape[1])[None, :] < remainder[:, None]
-    np.put_along_axis(keep, order, np.take_along_axis(keep, order, axis=1) + bonus, axis=1)
-    return np.clip(keep, 1, length)
+    rounded = np.rint(ideal.sum(axis=1)).astype(np.int64)
+    base = np.floor(ideal).astype(np.int64)
+    keep = _hand_out(base, ideal - base, rounded - base.sum(axis=1))
+    target = np.clip(rounded, heads * floor, heads * length)
+    raised = np.maximum(keep, floor)
+    surplus = raised - floor
+    excess = raised.sum(axis=1) - target  # tokens the floors cost, 0 <= excess <= surplus.sum()
+    share = surplus * excess[:, None]  # exact integers: take_h = share_h / sum(surplus), rounded
+    total = np.maximum(surplus.sum(axis=1, keepdims=True), 1)
+    take = _hand_out(share // total, share % total, excess - (share // total).sum(axis=1))
+    return raised - take
 
 
 def keep_counts(profile: Profile, compression: float, lengths: list[int] | np.ndarray,
                 protected: int) -> np.ndarray:
-    """Keep counts [B, L, H] for contexts of the given real lengths.
+    """Keep counts [B, L, H] for contexts of the given real lengths; each layer sums to its target.
 
     `protected` = sink + window: tokens that are never evicted, so a head keeps at least that many
-    (all of them when the context is shorter: then it is exact).
+    (all of them when the context is shorter: then it is exact), and at least one (LU-KV's clamp).
     """
     prune = profile.fractions(compression)
-    rows = []
-    for length in np.asarray(lengths, dtype=np.int64).tolist():
-        keep = layer_keep_counts(prune, length) if length > 0 else np.zeros(prune.shape, dtype=np.int64)
-        rows.append(np.clip(keep, min(length, protected), length))
-    return np.stack(rows)
+    floor = max(protected, 1)
+    return np.stack([layer_keep_counts(prune, length, floor)
+                     for length in np.asarray(lengths, dtype=np.int64).tolist()])
 
 
 def adaptive_keep(scores: torch.Tensor, totals: torch.Tensor, floor_share: float = ADAKV_FLOOR) -> torch.Tensor:

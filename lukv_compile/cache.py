@@ -232,6 +232,11 @@ def layer_kinds(config) -> list[str]:
     return [kinds[t] for t in layer_types]
 
 
+def sliding_layers(config) -> list[int]:
+    """Layers LU-KV leaves exact (`layer_kinds` 'sliding'): the profiler gives them no budget."""
+    return [i for i, kind in enumerate(layer_kinds(text_config(config))) if kind == "sliding"]
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -323,6 +328,11 @@ def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_head
         profile.check_model(num_layers, num_kv_heads, fingerprint)
     except ProfileError as e:
         raise ProfileError(f"{e}; pass allow_other_model=True to use it anyway") from None
+    # A layer the profile gave no budget must be one this cache leaves exact, or it would go uncompressed.
+    compressed = sorted(set(profile.excluded_layers) - set(sliding_layers(config)))
+    if compressed:
+        raise ProfileError(f"profile left layers {compressed} out of its budget (sliding-window when profiled), "
+                           "but this model compresses them")
     return profile
 
 

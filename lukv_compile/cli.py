@@ -51,6 +51,9 @@ def add_profile(sub) -> None:
     p.add_argument("--context-tokens", type=positive_int, default=4096,
                    help="calibration context length in tokens (default 4096)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
+    p.add_argument("--shards", type=positive_int, default=1,
+                   help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "
+                        "within 5%% of the others' (default 1; needs --scope global)")
     p.add_argument("--sink", type=non_negative_int, default=4, help="protected first tokens (default 4)")
     p.add_argument("--window", type=non_negative_int, default=None,
                    help="protected last tokens (default: the scorer's own, 32 for snapkv, 1 otherwise)")
@@ -106,9 +109,10 @@ def run_profile(args) -> None:
     import torch
 
     from lukv_compile.data import calibration_questions
-    from lukv_compile.profiling.run import init_distributed, profile_scorers
+    from lukv_compile.profiling.run import check_scope, init_distributed, profile_scorers
 
     scorers = parse_scorers(args.scorer)
+    check_scope(args.scope, args.shards)
     paths = output_paths(args.out, scorers)
     available = len(calibration_questions())
     if args.questions is not None and args.questions > available:
@@ -120,7 +124,8 @@ def run_profile(args) -> None:
     start = time.perf_counter()
     results = profile_scorers(model, tokenizer, scorers, sink=args.sink, window=args.window, k_max=args.k_max,
                               context_tokens=args.context_tokens, num_questions=args.questions, scope=args.scope,
-                              seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress)
+                              seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress,
+                              shards=args.shards)
     elapsed = time.perf_counter() - start
     if rank == 0:
         for scorer, result in results.items():
@@ -168,6 +173,7 @@ def load_curves(path: str) -> tuple[np.ndarray, dict]:
 
 def run_solve(args) -> None:
     from lukv_compile.profiling.run import mean_fractions, prune_fractions
+    from lukv_compile.solver import build_head_graph
 
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -177,11 +183,14 @@ def run_solve(args) -> None:
     layers, heads = meta["num_layers"], meta["num_kv_heads"]
     if curves.ndim != 3 or curves.shape[1] != layers * heads:
         raise CommandError(f"{args.curves}: curves shape {curves.shape} does not match {layers} x {heads} heads")
-    total = sum(prune_fractions(c, meta["context_len"], meta["sink"], meta["window"], layers, heads, scope)
-                for c in curves)
+    # The graph the curves were profiled on: same excluded layers and shards.
+    excluded = meta.get("excluded_layers", [])
+    shards = json.loads(meta["calibration"]).get("shards", 1)
+    graph = build_head_graph(layers, heads, meta["model"].get("num_q_heads", heads), excluded, shards)
+    total = sum(prune_fractions(c, meta["context_len"], meta["sink"], meta["window"], graph, scope) for c in curves)
     profile = Profile(mean_fractions(total, curves.shape[0]), scorer=meta["scorer"], sink=meta["sink"],
                       window=meta["window"], model=meta["model"], fingerprint=meta["fingerprint"],
-                      calibration=meta["calibration"], scope=scope)
+                      calibration=meta["calibration"], scope=scope, excluded_layers=tuple(excluded))
     profile.save(out)
     print(f"wrote {out} ({meta['scorer']}, scope {scope}, {curves.shape[0]} question(s))")
 
@@ -199,14 +208,17 @@ def add_inspect(sub) -> None:
 
 
 def keep_table(profile: Profile, compression: float) -> str:
+    """Keep fractions per layer; excluded (sliding, exact) layers are marked and left out of `all`."""
     keep = 1.0 - profile.fractions(compression)
     per_head = profile.num_kv_heads <= 8
     header = f"{'layer':>5} {'mean':>6} {'min':>6} {'max':>6}" + ("  per KV head" if per_head else "")
     rows = [header]
     for layer, row in enumerate(keep):
         line = f"{layer:>5} {row.mean():6.3f} {row.min():6.3f} {row.max():6.3f}"
-        rows.append(line + ("  " + " ".join(f"{x:.3f}" for x in row) if per_head else ""))
-    rows.append(f"{'all':>5} {keep.mean():6.3f} {keep.min():6.3f} {keep.max():6.3f}")
+        line += "  " + " ".join(f"{x:.3f}" for x in row) if per_head else ""
+        rows.append(line + ("  (excluded: sliding-window, exact)" if layer in profile.excluded_layers else ""))
+    budgeted = np.delete(keep, list(profile.excluded_layers), axis=0)
+    rows.append(f"{'all':>5} {budgeted.mean():6.3f} {budgeted.min():6.3f} {budgeted.max():6.3f}")
     return "\n".join(rows)
 
 
@@ -236,6 +248,8 @@ def run_inspect(args) -> None:
     model = profile.model.get("model_id", "unknown model")
     print(f"{args.profile}: {model}, scorer {profile.scorer}, sink {profile.sink}, window {profile.window}, "
           f"scope {profile.scope}, {profile.num_layers} layers x {profile.num_kv_heads} KV heads, {NUM_RATIOS} ratios")
+    if profile.excluded_layers:
+        print(f"excluded (no budget, left exact): layers {list(profile.excluded_layers)}")
     print(f"calibration: {profile.calibration}")
     print(f"keep fractions at compression {args.compression:g}:")
     print(keep_table(profile, args.compression))

@@ -3,7 +3,8 @@
 A profile is the only thing the offline solver hands to inference. It holds an array
 `prune[99, num_layers, num_kv_heads]` (kvpress's LU-KV shape): row i is the solution at global
 compression ratio (i + 1) / 100, and `prune[i, l, g]` is the fraction of head (l, g)'s context that is
-evicted. Fractions make it length-independent: at run time `keep = (1 - r) * T`.
+evicted. Fractions make it length-independent: at run time `keep = (1 - r) * T`. Layers the cache
+leaves exact (sliding-window) are listed in `excluded_layers`, hold prune 0 and are never applied.
 
 On disk: one safetensors file with the tensor `prune_fractions` and a JSON metadata header saying which
 model, scorer, sink and window it was made for. Inference refuses a mismatch.
@@ -52,6 +53,7 @@ class Profile:
     fingerprint: str = ""  # config fingerprint of the model the profile was made on ("" = any)
     calibration: str = ""  # how the profile was made
     scope: str = "global"
+    excluded_layers: tuple[int, ...] = ()  # layers left out of the budget (sliding-window, left exact): prune 0
 
     def __post_init__(self) -> None:
         self.prune = np.asarray(self.prune, dtype=np.float32)
@@ -64,6 +66,12 @@ class Profile:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ProfileError(f"profile {name} must be an int >= 0, got {value!r}")
+        self.excluded_layers = tuple(sorted(set(self.excluded_layers)))
+        if any(not isinstance(x, int) or not 0 <= x < self.num_layers for x in self.excluded_layers):
+            raise ProfileError(f"excluded layers must be layer indices 0..{self.num_layers - 1}, "
+                               f"got {list(self.excluded_layers)}")
+        if self.prune[:, list(self.excluded_layers)].any():
+            raise ProfileError("excluded layers must have prune fraction 0 (they get no budget)")
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +132,7 @@ class Profile:
             "format_version": FORMAT_VERSION, "scorer": self.scorer, "sink": self.sink, "window": self.window,
             "model": self.model, "fingerprint": self.fingerprint, "calibration": self.calibration,
             "scope": self.scope, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+            "excluded_layers": list(self.excluded_layers),
         }
 
     def save(self, path: str | Path) -> None:
@@ -160,7 +169,8 @@ class Profile:
         try:
             return cls(prune, scorer=meta["scorer"], sink=meta["sink"], window=meta["window"],
                        model=meta.get("model", {}), fingerprint=meta.get("fingerprint", ""),
-                       calibration=meta.get("calibration", ""), scope=meta.get("scope", "global"))
+                       calibration=meta.get("calibration", ""), scope=meta.get("scope", "global"),
+                       excluded_layers=tuple(meta.get("excluded_layers", ())))
         except (ValueError, TypeError) as e:
             raise ProfileError(f"{path}: {e}") from e
 

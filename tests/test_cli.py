@@ -53,6 +53,17 @@ def test_profile_several_scorers_writes_one_file_each(tiny_folder, tmp_path):
         assert (profile.scorer, profile.window) == (scorer, 1)
 
 
+def test_profile_shards_balance_and_solve_keeps_them(tiny_folder, tmp_path):
+    out = tmp_path / "tp.safetensors"
+    assert main(["profile", str(tiny_folder), "--out", str(out), "--shards", "2", "--save-curves", *PROFILE_ARGS]) == 0
+    profile = Profile.load(out)
+    assert json.loads(profile.calibration)["shards"] == 2
+    again = tmp_path / "again.safetensors"
+    assert main(["solve", str(out.with_suffix(".curves.npz")), "--out", str(again)]) == 0
+    np.testing.assert_array_equal(Profile.load(again).prune, profile.prune)
+    assert main(["profile", str(tiny_folder), "--out", str(out), "--shards", "3", *PROFILE_ARGS]) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["profile", "no-such-model", "--out", "x.safetensors"], "neither a known name"),
     (["profile", "smollm2", "--scorer", "h2o", "--out", "x.safetensors"], "unknown scorer 'h2o'"),
@@ -60,6 +71,7 @@ def test_profile_several_scorers_writes_one_file_each(tiny_folder, tmp_path):
     (["profile", "smollm2", "--scorer", "snapkv,snapkv", "--out", "{scorer}.st"], "twice"),
     (["profile", "smollm2", "--out", "/no/such/dir/x.safetensors"], "does not exist"),
     (["profile", "smollm2", "--questions", "31", "--out", "x.safetensors"], "only 30 calibration questions"),
+    (["profile", "smollm2", "--shards", "3", "--scope", "layer", "--out", "x.safetensors"], "needs scope 'global'"),
     (["inspect", "/no/such/profile.safetensors"], "no such profile file"),
     (["solve", "/no/such/curves.npz", "--out", "x.safetensors"], "no such curves file"),
 ])

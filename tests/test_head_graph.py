@@ -11,6 +11,7 @@ from lukv_compile.solver import (
     allocation_units,
     build_head_graph,
     exact_relaxed,
+    sweep_balanced,
     unit_attr,
     unit_groups,
 )
@@ -164,3 +165,21 @@ def test_balanced_errors():
         allocate_balanced(graph, curves, 6, 0, tolerance=-0.1)
     with pytest.raises(ValueError, match=r"total_keep=20 .*sum\(T\)=13"):
         allocate_balanced(graph, curves, 20, 0)
+
+
+@SETTINGS
+@given(sharded_problem(shard_counts=(2, 3)))
+def test_balanced_sweep_is_allocate_balanced_at_every_ratio(case):
+    graph, curves, _, min_keep, tolerance = case
+    units = allocation_units(graph)
+    sizes = np.array([curves[u].size - 1 for u in units])
+    ratios = np.array([0.0, 0.3, 0.7, 1.0])
+    try:
+        pruned = sweep_balanced(graph, [curves[u] for u in units], min_keep, ratios, tolerance)
+    except ValueError as err:
+        assert "no balanced allocation" in str(err)
+        return
+    for row, rho in zip(pruned, ratios, strict=True):
+        target = max(int(np.floor((1 - rho) * sizes.sum() + 0.5)), min_keep * len(units))
+        keep, _ = allocate_balanced(graph, curves, target, min_keep, tolerance)
+        np.testing.assert_allclose(row, 1 - np.array([keep[u] for u in units]) / sizes)

@@ -11,12 +11,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_gemma3
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lukv_compile.profile import NUM_RATIOS, Profile
+from lukv_compile.cache import LUKVCache, sliding_layers
+from lukv_compile.profile import NUM_RATIOS, Profile, ProfileError
 from lukv_compile.profiling import (
     cum_losses,
     eviction_order,
+    head_graph,
     layer_scores,
     min_keep,
     oracle_importance,
@@ -27,6 +30,7 @@ from lukv_compile.profiling import (
 )
 from lukv_compile.profiling.oracle import value_output_weights
 from lukv_compile.selection import protect_and_mask, select_tokens
+from lukv_compile.solver import build_head_graph, unit_attr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,7 +202,7 @@ def test_prune_fractions_meet_each_ratio(scope):
     importance = torch.from_numpy(rng.lognormal(size=(layers, heads, t)))
     curves = cum_losses(importance, eviction_order(torch.from_numpy(rng.normal(size=(layers, heads, t))), sink,
                                                    window))
-    prune = prune_fractions(curves, t, sink, window, layers, heads, scope)
+    prune = prune_fractions(curves, t, sink, window, build_head_graph(layers, heads, 2 * heads), scope)
     assert prune.shape == (NUM_RATIOS, layers, heads)
     assert prune.min() >= 0 and prune.max() <= 1 - min_keep(t, sink, window) / t + 1e-12
     assert np.all(np.diff(prune, axis=0) >= -1e-12)  # nested: more compression never keeps more
@@ -226,9 +230,44 @@ def test_profile_scorers_share_one_oracle_and_average_questions(model, tokenizer
     both = profile_scorers(model, tokenizer, ["snapkv", "streaming"], questions=["x?", "y?"], **kwargs)
     assert both["snapkv"].curves.shape == (2, 4, 80 - 4 - 32 + 1)
     single = profile_scorers(model, tokenizer, ["streaming"], questions=["x?"], **kwargs)["streaming"]
-    per_q = [prune_fractions(c, 80, 4, 32, 2, 2) for c in both["streaming"].curves]
+    per_q = [prune_fractions(c, 80, 4, 32, head_graph(model.config)) for c in both["streaming"].curves]
     np.testing.assert_allclose(both["streaming"].profile.prune, np.mean(per_q, axis=0), atol=1e-6)
     np.testing.assert_array_equal(single.curves[0], both["streaming"].curves[0])
+
+
+def test_sliding_layers_get_no_budget_and_the_runtime_agrees(tokenizer):
+    model = tiny_gemma3()  # layers: sliding, full, sliding
+    t = 80
+    profile = profile_model(model, tokenizer, "snapkv", k_max=3, context="abcdefghij" * 8, questions=["x?"],
+                            progress=False)
+    assert profile.excluded_layers == tuple(sliding_layers(model.config)) == (0, 2)
+    assert not profile.prune[:, [0, 2]].any()
+    # The one global layer carries the whole compression: rho of its tokens (up to the protected 36).
+    rho = np.arange(1, NUM_RATIOS + 1) / 100
+    np.testing.assert_allclose(profile.prune[:, 1, 0], np.minimum(rho, 1 - 36 / t), atol=1 / t)
+    cache = LUKVCache(model.config, profile=profile, compression=0.5)
+    assert [i for i, kind in enumerate(cache.kinds) if kind == "sliding"] == [0, 2]
+    assert cache.layers[1].budget(np.array([t])).tolist() == [[t // 2]]
+    with pytest.raises(ProfileError, match=r"left layers \[0\] out of its budget"):
+        LUKVCache(tiny_config(), profile=Profile(np.full((NUM_RATIOS, 2, 2), 0.5) * [[0], [1]], excluded_layers=(0,)),
+                  allow_other_model=True)
+
+
+def test_shard_profiles_balance_the_kept_tokens():
+    rng = np.random.default_rng(1)
+    layers, heads, t = 2, 4, 120
+    importance = torch.from_numpy(rng.lognormal(size=(layers, heads, t)) * rng.choice([0.01, 100], size=(1, heads, 1)))
+    curves = cum_losses(importance, eviction_order(torch.from_numpy(rng.normal(size=(layers, heads, t))), 4, 8))
+    graph = build_head_graph(layers, heads, heads, shards=2)
+    prune = prune_fractions(curves, t, 4, 8, graph)
+    kept = ((1 - prune) * t).reshape(NUM_RATIOS, -1)
+    shard = unit_attr(graph, "shard")
+    per_shard = np.stack([kept[:, shard == s].sum(1) for s in (0, 1)], axis=1)
+    assert np.all(per_shard.max(1) - per_shard.min(1) <= np.maximum(0.05 * per_shard.mean(1), 1) + 1e-6)
+    free = prune_fractions(curves, t, 4, 8, build_head_graph(layers, heads, heads))
+    np.testing.assert_allclose(prune.mean(axis=(1, 2)), free.mean(axis=(1, 2)), atol=1e-9)
+    with pytest.raises(ValueError, match="needs scope 'global'"):
+        prune_fractions(curves, t, 4, 8, graph, scope="layer")
 
 
 def test_profile_rejects_bad_inputs(model, tokenizer):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +119,7 @@ def record_prefill(model, context_ids: torch.Tensor) -> PrefillRecord:
         weights[layer] = value_output_weights(value, module.o_proj.weight)
 
     with recording(model, hook):
-        out = model(input_ids=ids.to(model.device), use_cache=True)
+        out = model(input_ids=ids.to(model.device), use_cache=True, logits_to_keep=1)
     missing = [layer for layer in range(num_layers) if k[layer] is None]
     if missing:
         raise RuntimeError(f"attention was not recorded for layers {missing}")
@@ -155,12 +155,15 @@ class OracleResult:
 
 @torch.no_grad()
 def oracle_importance(model, record: PrefillRecord, question_ids: torch.Tensor, k_max: int = 64,
-                      temperature: float = 0.7, seed: int = 0, eos_token_ids: tuple[int, ...] = ()) -> OracleResult:
+                      temperature: float = 0.7, seed: int = 0, eos_token_ids: tuple[int, ...] = (),
+                      skip_layers: Collection[int] = ()) -> OracleResult:
     """I[l, g, j] = max over decode steps and group heads of A[l, h, k, j] * n[l, h, j] (full cache).
 
     The question is prefilled after the context (not recorded); then up to `k_max` tokens are sampled
     at `temperature` from a generator seeded with `seed`, and each one is fed as a single-token step
     whose attention is recorded. Sampling stops early at an EOS token (which is not fed).
+    `skip_layers` (the head graph's excluded, sliding-window layers) are not measured and keep I = 0:
+    they get no budget, and their sliding cache holds fewer keys than the context.
     """
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
@@ -174,9 +177,9 @@ def oracle_importance(model, record: PrefillRecord, question_ids: torch.Tensor, 
     generator = torch.Generator().manual_seed(seed)  # sampling on the CPU: same tokens on every device
 
     def hook(module, query, key, value, mask, scale):
-        if query.shape[2] != 1:  # the question chunk: not a decode step
-            return
         layer = _layer_index(module)
+        if query.shape[2] != 1 or layer in skip_layers:  # the question chunk is not a decode step
+            return
         probs = decode_probabilities(query, key, mask, record.scaling[layer])[:, :t_ctx]
         weighted = (probs * record.value_weights[layer]).view(record.num_kv_heads, -1, t_ctx).amax(dim=1)
         torch.maximum(importance[layer], weighted, out=importance[layer])

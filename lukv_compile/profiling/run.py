@@ -2,8 +2,10 @@
 
 The context is prefilled once (that is where the time goes) and its q/k/v, scores and cache are
 reused for every question; only the question and its sampled decode steps are run per question.
-Per (context, question) the solver sweeps all 99 compression ratios; the prune fractions are
-averaged over questions, as the authors did. Under torchrun (WORLD_SIZE > 1) the questions are
+Per (context, question) the solver sweeps all 99 compression ratios over the model's head graph
+(`head_graph`: sliding-window layers, which the cache leaves exact, get no budget and prune 0, so
+compression rho removes rho of the compressed layers' tokens); the prune fractions are averaged over
+questions, as the authors did. Under torchrun (WORLD_SIZE > 1) the questions are
 sharded across ranks and the summed fractions all-reduced over gloo; every rank gets the result.
 """
 
@@ -14,11 +16,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from lukv_compile import solver
+from lukv_compile.cache import sliding_layers, text_config
 from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, Profile, check_scorer
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
@@ -72,22 +76,49 @@ def min_keep(context_len: int, sink: int, window: int) -> int:
     return max(round(0.01 * context_len), sink + window, 1)
 
 
-def prune_fractions(curves: np.ndarray, context_len: int, sink: int, window: int, num_layers: int,
-                    num_kv_heads: int, scope: str = "global") -> np.ndarray:
+def check_scope(scope: str, shards: int) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "layer" and shards > 1:
+        raise ValueError(f"shards={shards} balances the whole model's budget: it needs scope 'global'")
+
+
+def head_graph(config, shards: int = 1) -> nx.Graph:
+    """The model's head graph; its excluded layers are the ones `LUKVCache` leaves exact (sliding-window)."""
+    config = text_config(config)
+    graph = solver.build_head_graph(config.num_hidden_layers, config.num_key_value_heads,
+                                    config.num_attention_heads, excluded_layers=sliding_layers(config),
+                                    shards=shards)
+    if not solver.allocation_units(graph):
+        raise ValueError("every layer of this model uses sliding-window attention, which LU-KV leaves exact: "
+                         "there is nothing to profile")
+    return graph
+
+
+def prune_fractions(curves: np.ndarray, context_len: int, sink: int, window: int, graph: nx.Graph,
+                    scope: str = "global") -> np.ndarray:
     """[99, L, H_kv] prune fractions of the whole context from one question's curves over unprotected tokens.
 
+    curves [L * H_kv, E + 1] hold every KV head in (layer, head) order; only the graph's allocation
+    units are solved (per shard balanced when it has shards), excluded layers get prune 0.
     The curves leave the P = sink + window protected tokens out, so compression rho of the whole
     context (keep (1 - rho) T per head on average) is compression rho T / E of the E = T - P
     evictable tokens, and evicting r_E of them prunes r_E E / T of the context.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    check_scope(scope, graph.graph["shards"])
     evictable = check_protection(context_len, sink, window)
-    floor = min_keep(context_len, sink, window) - (sink + window)
-    layer_of_head = np.repeat(np.arange(num_layers), num_kv_heads) if scope == "layer" else None
+    floor = max(min_keep(context_len, sink, window) - (sink + window), 0)
+    num_layers, num_kv_heads = graph.graph["num_layers"], graph.graph["num_kv_heads"]
+    rows = solver.unit_attr(graph, "layer") * num_kv_heads + solver.unit_attr(graph, "kv_head")
     ratios = np.clip(RATIOS * context_len / evictable, 0.0, 1.0)
-    pruned = solver.sweep(curves, max(floor, 0), ratios=ratios, scope=scope, layer_of_head=layer_of_head)
-    return (pruned * evictable / context_len).reshape(NUM_RATIOS, num_layers, num_kv_heads)
+    if graph.graph["shards"] > 1:
+        pruned = solver.sweep_balanced(graph, curves[rows], floor, ratios=ratios)
+    else:
+        layer_of_head = solver.unit_attr(graph, "layer") if scope == "layer" else None
+        pruned = solver.sweep(curves[rows], floor, ratios=ratios, scope=scope, layer_of_head=layer_of_head)
+    out = np.zeros((NUM_RATIOS, num_layers * num_kv_heads))
+    out[:, rows] = pruned * evictable / context_len
+    return out.reshape(NUM_RATIOS, num_layers, num_kv_heads)
 
 
 def mean_fractions(total: np.ndarray, count: int) -> np.ndarray:
@@ -110,17 +141,22 @@ def init_distributed() -> tuple[int, int]:
 def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAULT_SINK, window: int | None = None,
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
                     context_tokens: int = 4096, num_questions: int | None = None, scope: str = "global",
-                    seed: int = 0, keep_curves: bool = False, progress: bool = True) -> dict[str, ProfileResult]:
-    """One oracle run, one Profile per scorer (window None: each scorer's default window)."""
+                    seed: int = 0, keep_curves: bool = False, progress: bool = True,
+                    shards: int = 1) -> dict[str, ProfileResult]:
+    """One oracle run, one Profile per scorer (window None: each scorer's default window).
+
+    shards > 1: tensor-parallel profile, every shard's kept tokens within 5% of the others'.
+    """
     from lukv_compile.models import config_fingerprint, model_identity
 
     if not scorers or len(set(scorers)) != len(scorers):
         raise ValueError(f"scorers must be a non-empty list without repeats, got {list(scorers)}")
     windows = {s: DEFAULT_WINDOW[check_scorer(s)] if window is None else window for s in scorers}
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    check_scope(scope, shards)
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
+    graph = head_graph(model.config, shards)
+    excluded = graph.graph["excluded_layers"]
     calib = calibration_inputs(tokenizer, context, questions, context_tokens, num_questions)
     t = calib.context_ids.numel()
     for s in scorers:
@@ -137,11 +173,12 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     eos = eos_token_ids(model, tokenizer)
     mine = range(rank, len(calib.question_ids), world)
     for i in tqdm(mine, desc="profiling questions", disable=not progress or rank != 0):
-        result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos)
+        result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos,
+                                   skip_layers=excluded)
         steps += result.generated.numel()
         for s in scorers:
             c = cum_losses(result.importance, orders[s])
-            sums[s] += prune_fractions(c, t, sink, windows[s], record.num_layers, record.num_kv_heads, scope)
+            sums[s] += prune_fractions(c, t, sink, windows[s], graph, scope)
             if keep_curves:
                 curves[s][i] = c
     del record
@@ -150,12 +187,13 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     description = json.dumps({
         "text": calib.name, "context_tokens": t, "questions": n, "k_max": k_max, "temperature": TEMPERATURE,
         "seed": seed, "mean_decode_steps": round(steps / n, 2), "question_template": QUESTION_TEMPLATE,
+        "shards": shards,
     })
     identity, fingerprint = model_identity(model), config_fingerprint(model.config)
     results = {}
     for s in scorers:
         profile = Profile(mean_fractions(sums[s], n), scorer=s, sink=sink, window=windows[s], model=identity,
-                          fingerprint=fingerprint, calibration=description, scope=scope)
+                          fingerprint=fingerprint, calibration=description, scope=scope, excluded_layers=excluded)
         gathered = _gather_curves(curves[s], world) if keep_curves else None
         results[s] = ProfileResult(profile, None if gathered is None else np.stack([gathered[i] for i in range(n)]))
     return results

@@ -5,7 +5,14 @@ budget (`allocate`) or prune fractions for every compression ratio (`sweep`).
 """
 
 from .exact import exact_original, exact_relaxed
-from .graph import allocate_balanced, allocation_units, build_head_graph, unit_attr, unit_groups
+from .graph import (
+    allocate_balanced,
+    allocation_units,
+    build_head_graph,
+    sweep_balanced,
+    unit_attr,
+    unit_groups,
+)
 from .greedy import allocate, plan_evictions, sweep
 from .hull import convex_minorant
 
@@ -19,6 +26,7 @@ __all__ = [
     "exact_relaxed",
     "plan_evictions",
     "sweep",
+    "sweep_balanced",
     "unit_attr",
     "unit_groups",
 ]

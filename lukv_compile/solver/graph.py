@@ -7,7 +7,8 @@ layers (e.g. Gemma 3 sliding-window layers) stay in the graph but are left out o
 Tensor parallelism shards heads in contiguous blocks, as transformers' TP plans do.
 
 The solver reads allocation units and constraint groups (per layer, per shard) from this graph;
-`allocate_balanced` keeps the tokens each device stores within a tolerance of each other.
+`allocate_balanced` (one budget) and `sweep_balanced` (every ratio) keep the tokens each device
+stores within a tolerance of each other.
 """
 
 import math
@@ -17,7 +18,7 @@ import networkx as nx
 import numpy as np
 
 from .checks import as_count, check_total_keep
-from .greedy import nested_evictions, plan_evictions
+from .greedy import DEFAULT_RATIOS, EvictionPlan, check_ratios, keep_targets, nested_evictions, plan_evictions
 
 Unit = tuple[str, int, int]
 
@@ -121,6 +122,32 @@ def _ordered_inputs(units: list[Unit], cum_losses_by_unit: Mapping, min_keep):
     return curves, min_keep
 
 
+def _balanced_keep(plan: EvictionPlan, shard_of_head: np.ndarray, n_shards: int, total_keep: int,
+                   tolerance: float) -> np.ndarray:
+    """Keep per head summing to total_keep with every shard's total in its window (see allocate_balanced)."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    shard_size = np.bincount(shard_of_head, weights=plan.sizes, minlength=n_shards).astype(np.int64)
+    shard_floor = np.bincount(shard_of_head, weights=plan.min_keep, minlength=n_shards).astype(np.int64)
+    lo, hi = _shard_window(total_keep, n_shards, tolerance)
+    keep_lo, keep_hi = np.maximum(shard_floor, lo), np.minimum(shard_size, hi)
+    if np.any(keep_lo > keep_hi) or not keep_lo.sum() <= total_keep <= keep_hi.sum():
+        raise ValueError(
+            f"no balanced allocation for total_keep={total_keep}: shard keep window [{lo}, {hi}] "
+            f"(tolerance={tolerance}) vs shard sizes {shard_size.tolist()} "
+            f"and min_keep floors {shard_floor.tolist()}"
+        )
+    total_evict = int(plan.sizes.sum()) - total_keep
+    token_shard = shard_of_head[plan.token_head]
+    rank = _rank_within(token_shard)
+    must = (shard_size - keep_hi)[token_shard]
+    may = (shard_size - keep_lo)[token_shard]
+    optional = np.flatnonzero((rank >= must) & (rank < may))
+    taken = rank < must
+    taken[optional[: total_evict - int(taken.sum())]] = True
+    return plan.sizes - np.bincount(plan.token_head[taken], minlength=plan.n_heads)
+
+
 def allocate_balanced(
     graph: nx.Graph, cum_losses_by_unit: Mapping, total_keep: int, min_keep, tolerance: float = 0.05
 ) -> tuple[dict[Unit, int], dict]:
@@ -134,38 +161,16 @@ def allocate_balanced(
     Returns keep per unit and a report of the loss with and without the balance constraint.
     """
     tolerance = float(tolerance)
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
     units = allocation_units(graph)
     curves, min_keep = _ordered_inputs(units, cum_losses_by_unit, min_keep)
     plan = plan_evictions(curves, min_keep)
     total_keep = as_count(total_keep, "total_keep")
     check_total_keep(total_keep, plan.min_keep, plan.sizes)
-
     shard_of_head = unit_attr(graph, "shard")
     n_shards = graph.graph["shards"]
-    shard_size = np.bincount(shard_of_head, weights=plan.sizes, minlength=n_shards).astype(np.int64)
-    shard_floor = np.bincount(shard_of_head, weights=plan.min_keep, minlength=n_shards).astype(np.int64)
-    lo, hi = _shard_window(total_keep, n_shards, tolerance)
-    keep_lo, keep_hi = np.maximum(shard_floor, lo), np.minimum(shard_size, hi)
-    if np.any(keep_lo > keep_hi) or not keep_lo.sum() <= total_keep <= keep_hi.sum():
-        raise ValueError(
-            f"no balanced allocation for total_keep={total_keep}: shard keep window [{lo}, {hi}] "
-            f"(tolerance={tolerance}) vs shard sizes {shard_size.tolist()} "
-            f"and min_keep floors {shard_floor.tolist()}"
-        )
-
+    keep = _balanced_keep(plan, shard_of_head, n_shards, total_keep, tolerance)
     total_evict = int(plan.sizes.sum()) - total_keep
     free_keep = plan.sizes - nested_evictions(plan.token_head, plan.n_heads, np.array([total_evict]))[0]
-
-    token_shard = shard_of_head[plan.token_head]
-    rank = _rank_within(token_shard)
-    must = (shard_size - keep_hi)[token_shard]
-    may = (shard_size - keep_lo)[token_shard]
-    optional = np.flatnonzero((rank >= must) & (rank < may))
-    taken = rank < must
-    taken[optional[: total_evict - int(taken.sum())]] = True
-    keep = plan.sizes - np.bincount(plan.token_head[taken], minlength=plan.n_heads)
 
     def shard_totals(k: np.ndarray) -> list[int]:
         return np.bincount(shard_of_head, weights=k, minlength=n_shards).astype(np.int64).tolist()
@@ -173,7 +178,7 @@ def allocate_balanced(
     relaxed_free, relaxed_balanced = plan.relaxed_loss(free_keep), plan.relaxed_loss(keep)
     report = {
         "tolerance": tolerance,
-        "shard_keep_window": (lo, hi),
+        "shard_keep_window": _shard_window(total_keep, n_shards, tolerance),
         "shard_keep_free": shard_totals(free_keep),
         "shard_keep_balanced": shard_totals(keep),
         "relaxed_loss_free": relaxed_free,
@@ -183,3 +188,20 @@ def allocate_balanced(
         "original_loss_balanced": plan.original_loss(keep),
     }
     return {u: int(k) for u, k in zip(units, keep, strict=True)}, report
+
+
+def sweep_balanced(graph: nx.Graph, cum_losses, min_keep, ratios=DEFAULT_RATIOS,
+                   tolerance: float = 0.05) -> np.ndarray:
+    """`sweep` (global scope) with `allocate_balanced`'s shard constraint: prune [len(ratios), units].
+
+    cum_losses: one curve per allocation unit, in unit order.
+    """
+    ratios = check_ratios(ratios)
+    plan = plan_evictions(cum_losses, min_keep)
+    units = allocation_units(graph)
+    if plan.n_heads != len(units):
+        raise ValueError(f"got {plan.n_heads} curves for {len(units)} allocation units")
+    shard_of_head, n_shards = unit_attr(graph, "shard"), graph.graph["shards"]
+    targets = keep_targets(plan, np.arange(plan.n_heads), ratios)
+    keep = np.stack([_balanced_keep(plan, shard_of_head, n_shards, int(t), float(tolerance)) for t in targets])
+    return 1.0 - keep / plan.sizes

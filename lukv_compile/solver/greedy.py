@@ -139,6 +139,21 @@ def _round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(x + 0.5).astype(np.int64)
 
 
+def check_ratios(ratios) -> np.ndarray:
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if ratios.ndim != 1 or ratios.size == 0 or np.any(~np.isfinite(ratios)):
+        raise ValueError(f"ratios must be a non-empty 1-D array of finite numbers, got {ratios!r}")
+    if np.any((ratios < 0) | (ratios > 1)):
+        raise ValueError(f"ratios must lie in [0, 1], got min {ratios.min()} max {ratios.max()}")
+    return ratios
+
+
+def keep_targets(plan: EvictionPlan, heads: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """Tokens `heads` keep together at each ratio: round((1 - rho) T), raised to their min_keep floor."""
+    size = plan.sizes[heads].sum()
+    return np.clip(_round_half_up((1.0 - ratios) * size), plan.min_keep[heads].sum(), size)
+
+
 def sweep(
     cum_losses,
     min_keep,
@@ -152,11 +167,7 @@ def sweep(
     round((1 - rho) * T_scope) tokens, raised to sum(min_keep) when that floor binds (the greedy
     then stops with every head at min_keep, as in the paper).
     """
-    ratios = np.asarray(ratios, dtype=np.float64)
-    if ratios.ndim != 1 or ratios.size == 0 or np.any(~np.isfinite(ratios)):
-        raise ValueError(f"ratios must be a non-empty 1-D array of finite numbers, got {ratios!r}")
-    if np.any((ratios < 0) | (ratios > 1)):
-        raise ValueError(f"ratios must lie in [0, 1], got min {ratios.min()} max {ratios.max()}")
+    ratios = check_ratios(ratios)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     if (scope == "layer") != (layer_of_head is not None):
@@ -169,14 +180,5 @@ def sweep(
         if layers.size != plan.n_heads:
             raise ValueError(f"layer_of_head has {layers.size} entries, need one per head ({plan.n_heads})")
         groups = [np.flatnonzero(layers == layer) for layer in np.unique(layers)]
-    keep_targets = np.stack(
-        [
-            np.clip(
-                _round_half_up((1.0 - ratios) * plan.sizes[heads].sum()),
-                plan.min_keep[heads].sum(),
-                plan.sizes[heads].sum(),
-            )
-            for heads in groups
-        ]
-    )
-    return _group_evictions(plan, groups, keep_targets) / plan.sizes
+    targets = np.stack([keep_targets(plan, heads, ratios) for heads in groups])
+    return _group_evictions(plan, groups, targets) / plan.sizes
