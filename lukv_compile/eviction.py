@@ -63,16 +63,23 @@ def score_candidates(scorer: str, q: torch.Tensor, cand: Candidates, scale: floa
     return scorers.score(scorer, q, cand.keys, cand.values, cand.valid, scale, rope=rope, queries=queries)
 
 
+def keep_mask(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, *, sink: int, window: int,
+              adaptive: bool) -> torch.Tensor:
+    """[B, H, T] bool: each head's top-budget[b, h] tokens by `scores` (AdaKV: the row's total, split by score).
+
+    The first `sink` and last `window` tokens of each head are always kept; a head never keeps more
+    than it has. The evaluation's simulated engine selects with this too, so it keeps what the cache keeps.
+    """
+    scores = protect_and_mask(scores, valid, sink, window)
+    keep = adaptive_keep(scores, budget.sum(dim=-1)) if adaptive else budget
+    return select_tokens(scores, torch.minimum(keep, valid.sum(dim=-1)))
+
+
 def evict(store: RaggedStore, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
           window: int, adaptive: bool, scale: float, rope: Rope | None = None,
           queries: torch.Tensor | None = None) -> None:
-    """Keep each head's top-budget[b, h] candidates (AdaKV: the row's total, split by score) in `store`.
-
-    The first `sink` and last `window` tokens of each head are always kept; a head never keeps more
-    than it has.
-    """
-    scores = protect_and_mask(score_candidates(scorer, q, cand, scale, rope, queries), cand.valid, sink, window)
-    budget_t = torch.as_tensor(budget, device=scores.device)
-    keep = adaptive_keep(scores, budget_t.sum(dim=-1)) if adaptive else budget_t
-    keep = torch.minimum(keep, cand.valid.sum(dim=-1))
-    store.replace(select_tokens(scores, keep), cand.keys, cand.values, cand.positions)
+    """Keep each head's top-budget[b, h] candidates in `store` (see `keep_mask`)."""
+    scores = score_candidates(scorer, q, cand, scale, rope, queries)
+    kept = keep_mask(scores, cand.valid, torch.as_tensor(budget, device=scores.device), sink=sink, window=window,
+                     adaptive=adaptive)
+    store.replace(kept, cand.keys, cand.values, cand.positions)

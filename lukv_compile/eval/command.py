@@ -1,7 +1,8 @@
-"""`lukv eval`: run the methods on the RULER-style tasks and write the results table and plots.
+"""`lukv eval`: run the methods on the RULER-style tasks and write the results table and plot.
 
-    lukv eval --model smollm2 --tasks passkey,niah_single --context 2048 --samples 5 \
-        --compression 0.8 --methods all --out docs/results.md --json results.json
+    lukv eval --model smollm2 --tasks passkey,niah_single --context 1024,4096 --samples 20 \
+        --compression 0.5,0.8,0.9 --methods all --protocol agnostic,aware --out docs/results.md --json r.json
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m lukv_compile.cli eval ...   # samples sharded
 """
 
 from __future__ import annotations
@@ -13,36 +14,44 @@ import time
 from pathlib import Path
 
 from lukv_compile.eval import report
-from lukv_compile.eval.harness import PROMPT_FORMATS, Row, check_evaluation, evaluate
-from lukv_compile.eval.methods import METHODS, parse_methods
+from lukv_compile.eval.harness import ENGINES, PROMPT_FORMATS, Result, check_evaluation, evaluate
+from lukv_compile.eval.methods import BUDGETS, parse_methods
+from lukv_compile.eval.simulate import PROTOCOLS
 from lukv_compile.eval.tasks import TASKS
 from lukv_compile.settings import INNER_COMPILERS
 
-DEFAULT_TASKS = "passkey,niah_single,niah_multikey,variable_tracking"
+DEFAULT_TASKS = "passkey,niah_single,niah_multikey"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, KV memory and decode latency of the eviction methods",
                        description="Prefill each task's context, compress it, then feed the question in one "
-                                   "forward and decode greedily; every method runs through the same LUKVCache.")
+                                   "forward and decode greedily (agnostic protocol), or compress the context with "
+                                   "the question (aware); every method is a budget allocation x a scorer.")
     p.add_argument("--model", default="smollm2", help="model name (smollm2, gemma3) or a saved transformers folder")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
                    f"(default {DEFAULT_TASKS})")
     p.add_argument("--context", default="2048", help="comma-separated context lengths in tokens (default 2048)")
-    p.add_argument("--samples", type=int, default=5, help="samples per task and context length (default 5)")
+    p.add_argument("--samples", type=int, default=20, help="samples per task and context length (default 20)")
     p.add_argument("--compression", default="0.8", help="comma-separated compression ratios in [0, 1) "
                    "(default 0.8; the full cache always runs at 0)")
-    p.add_argument("--methods", default="all", help=f"comma-separated methods or all; from: {', '.join(METHODS)}")
+    p.add_argument("--methods", default="all", help=f"comma-separated methods or all: full, streaming, budget:scorer "
+                   f"with budget in {', '.join(BUDGETS)}, lukv-<scorer>; scorer a runtime scorer or oracle")
+    p.add_argument("--engine", choices=ENGINES, default="simulated",
+                   help="simulated: one prefill per sample, every method decoded as one batch (default); "
+                   "compiled: the product path, one LUKVCache per run, measures memory and decode time")
+    p.add_argument("--protocol", default="agnostic", help=f"comma-separated protocols from {', '.join(PROTOCOLS)} "
+                   "(default agnostic: the question is read after compression)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
                    help="chat template or plain text (default chat: the better one on the full cache)")
     p.add_argument("--inner", choices=INNER_COMPILERS, default="inductor",
-                   help="compiler behind the lukv backend (default inductor; latency is only meaningful with it)")
+                   help="compiled engine: compiler behind the lukv backend (default inductor)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prefill each context in chunks of this many tokens, evicting after each (default: whole)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
     p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
-    p.add_argument("--out", default=None, help="write the Markdown table here (and <name>_accuracy.png, "
+    p.add_argument("--out", default=None, help="write the Markdown tables here (and <name>_accuracy.png, "
                    "<name>_budgets.png next to it)")
     p.add_argument("--from-json", default=None, help="comma-separated JSON files from earlier --json runs: "
                    "skip the evaluation and write the report (--out) from their rows")
@@ -65,11 +74,12 @@ def check_output(path: str | None, name: str) -> None:
         raise ValueError(f"--{name}: folder {Path(path).parent} does not exist")
 
 
-def canonical_command(args, tasks, contexts, compressions, methods) -> str:
+def canonical_command(args, tasks, contexts, compressions) -> str:
     parts = [f"lukv eval --model {args.model} --tasks {','.join(tasks)} --context {','.join(map(str, contexts))}",
              f"--samples {args.samples} --compression {','.join(f'{c:g}' for c in compressions)}",
-             f"--methods {','.join(methods)} --prompt-format {args.prompt_format} --inner {args.inner}",
-             f"--seed {args.seed}"]
+             f"--methods {args.methods} --engine {args.engine} --protocol {args.protocol}",
+             f"--prompt-format {args.prompt_format} --seed {args.seed}"]
+    parts += [f"--inner {args.inner}"] if args.engine == "compiled" else []
     parts += [f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else []
     parts += [f"--threads {args.threads}"] if args.threads else []
     parts += [f"--json {args.json}"] if args.json else []
@@ -87,38 +97,57 @@ def run(args) -> int:
     tasks = list(TASKS) if args.tasks == "all" else split_list(args.tasks, str, "tasks")
     contexts = split_list(args.context, int, "context")
     compressions = split_list(args.compression, float, "compression")
-    methods = parse_methods(args.methods)
-    check_evaluation(tasks, contexts, args.samples, compressions)
+    parse_methods(args.methods)
+    protocols = tuple(split_list(args.protocol, str, "protocol"))
+    check_evaluation(tasks, contexts, args.samples, compressions, args.engine, protocols)
     check_output(args.json, "json")
     check_output(args.out, "out")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    from lukv_compile.profiling.run import init_distributed
 
+    rank, world = init_distributed()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))  # cores shared by the ranks
     model, tokenizer = load_model_arg(args.model, "float32")
     start = time.perf_counter()
-    rows = evaluate(model, tokenizer, methods, tasks, contexts, args.samples, compressions, seed=args.seed,
-                    progress=not args.no_progress, prompt_format=args.prompt_format, inner=args.inner,
-                    prefill_chunk=args.prefill_chunk)
+    results = evaluate(model, tokenizer, args.methods, tasks, contexts, args.samples, compressions, seed=args.seed,
+                       progress=not args.no_progress, prompt_format=args.prompt_format, engine=args.engine,
+                       protocols=protocols, inner=args.inner, prefill_chunk=args.prefill_chunk, rank=rank,
+                       world=world)
+    results = gather(results, world)
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return 0
     meta = {
-        "command": f"`{canonical_command(args, tasks, contexts, compressions, methods)}`",
+        "command": f"`{canonical_command(args, tasks, contexts, compressions)}`",
         "model": getattr(model.config, "name_or_path", args.model),
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), inner compiler {args.inner}",
+                   f"torch {torch.__version__}, {world} process(es) x {torch.get_num_threads()} thread(s)",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "samples": f"{args.samples} per task and context length, seed {args.seed}, prompt format {args.prompt_format}",
         "wall time": f"{elapsed / 60:.1f} min",
     }
-    table = report.markdown_table(rows)
-    print(table)
+    print(report.markdown_table(results))
+    print(report.budget_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": [r.as_dict() for r in results]}, indent=1))
     if args.out:
-        write_outputs(rows, meta, model, Path(args.out))
+        write_outputs(results, meta, model, Path(args.out))
     return 0
+
+
+def gather(results: list[Result], world: int) -> list[Result]:
+    """Every rank's results on every rank (torchrun), in sample order."""
+    if world == 1:
+        return results
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, results)
+    merged = [r for part in parts for r in part]
+    return sorted(merged, key=lambda r: (r.context_tokens, r.task, r.sample))
 
 
 def report_from_json(args) -> int:
@@ -134,22 +163,22 @@ def report_from_json(args) -> int:
             runs.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--from-json: {path} is not a JSON file written by --json ({e})") from None
-    rows = [Row(**row) for run in runs for row in run["rows"]]
+    results = [Result(**r) for run in runs for r in run["results"]]
     meta = dict(runs[0]["meta"])
     meta["command"] = " + ".join(run["meta"]["command"] for run in runs)
     meta["wall time"] = " + ".join(run["meta"]["wall time"] for run in runs)
-    print(report.markdown_table(rows))
+    print(report.markdown_table(results))
     model, _ = load_model_arg(args.model, "float32")
-    write_outputs(rows, meta, model, Path(args.out))
+    write_outputs(results, meta, model, Path(args.out))
     return 0
 
 
-def write_outputs(rows, meta: dict, model, out: Path) -> None:
+def write_outputs(results: list[Result], meta: dict, model, out: Path) -> None:
     from lukv_compile.eval.methods import ProfileMissingError, shipped_profile
 
-    report.write_results(rows, out, meta)
+    report.write_results(results, out, meta)
     accuracy = out.with_name(f"{out.stem}_accuracy.png")
-    report.plot_accuracy(rows, accuracy)
+    report.plot_accuracy(results, accuracy)
     print(f"wrote {out}, {accuracy}")
     try:
         budgets = out.with_name(f"{out.stem}_budgets.png")

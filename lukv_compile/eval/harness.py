@@ -1,9 +1,15 @@
-"""Accuracy, memory and decode latency of every method from one loop over one compiled model.
+"""Accuracy of the eviction methods on RULER-style tasks, one result per (sample, method, ratio, protocol).
 
-The protocol is LU-KV's (task-agnostic compression): prefill the context alone, evict each KV head to
-its budget, and only then read the question as one forward over the kept context (exact causal
-semantics: the question attends to the kept context and to itself), then decode the answer greedily.
-Each decode step is timed for latency and the same cache is measured for memory.
+Two engines give the same answers (cross-checked on a subset, see docs/results.md):
+- `compiled`: the product path. One compiled model, one LUKVCache per (method, ratio, sample): prefill,
+  evict, the question as one forward, greedy decode; memory (`cache.nbytes()`) and decode steps measured.
+- `simulated` (simulate.py): one recorded prefill per sample, every method and ratio selecting from the
+  same K/V with the runtime's scorers, budgets and selection, decoded together as one batch. Orders of
+  magnitude cheaper, and the only engine that runs the `oracle` ceiling.
+
+Protocols: `agnostic` (LU-KV's task-agnostic compression: the context is compressed before the question
+is read) and `aware` (the question is part of the compressed prompt). Samples are sharded over the ranks
+of a torchrun job (`WORLD_SIZE`); rank 0 gathers the results.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from typing import Any
 import torch
 
 from lukv_compile.cache import LUKVCache, full_cache_nbytes
-from lukv_compile.eval.methods import ProfileMissingError, make_cache, parse_methods
+from lukv_compile.eval.methods import ORACLE, Method, ProfileMissingError, make_cache, parse_methods, resolve
+from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
 
+ENGINES = ("simulated", "compiled")
 PROMPT_FORMATS = ("chat", "plain")
 WARMUP_STEPS = 2  # decode steps per sample left out of the latency median (the first may compile)
 _CONTEXT_MARK = "\x00CONTEXT\x00"
@@ -30,7 +38,7 @@ _CONTEXT_MARK = "\x00CONTEXT\x00"
 @dataclass(frozen=True)
 class Prompt:
     context_ids: torch.Tensor  # [1, T]: prefilled, then compressed
-    question_ids: list[int]  # one forward after compression
+    question_ids: list[int]  # after compression (agnostic) or the end of the compressed prompt (aware)
     max_new_tokens: int
 
 
@@ -43,16 +51,21 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Row:
+class Result:
+    """One sample's answer under one method, compression and protocol."""
+
+    engine: str
+    protocol: str
+    context_tokens: int
+    task: str
+    sample: int
     method: str
     compression: float
-    task: str
-    context_tokens: int
-    score: float  # mean over samples, in [0, 1]
-    n: int
-    kv_bytes: float  # mean over samples
-    kv_ratio: float  # mean of kv_bytes / full-cache bytes at the same token count
-    decode_ms: float  # median single-token decode step after warm-up
+    score: float  # in [0, 1]
+    answer: str
+    kept: float | None = None  # simulated: fraction of the prompt's K/V kept over all layers and heads
+    kv_ratio: float | None = None  # compiled: cache.nbytes() / an uncompressed cache of as many tokens
+    decode_ms: float | None = None  # compiled: median single-token step after warm-up
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,14 +95,18 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
 
 @torch.no_grad()
 def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int],
-               prefill_chunk: int | None = None) -> Generation:
-    """Prefill + evict (in chunks of `prefill_chunk`, if given), the question in one forward, then greedy
-    decoding until a stop token."""
+               prefill_chunk: int | None = None, protocol: str = "agnostic") -> Generation:
+    """Prefill + evict (in chunks of `prefill_chunk`, if given; with the question for `aware`), the
+    question in one forward (`agnostic`), then greedy decoding until a stop token."""
     device = model.device
-    chunked_prefill(compiled, cache, prompt.context_ids.to(device), chunk=prefill_chunk or prompt.context_ids.shape[1],
-                    logits_to_keep=1)
     question = torch.tensor([prompt.question_ids], device=device)
-    next_token = int(compiled(input_ids=question, cache=cache, logits_to_keep=1).logits[0, -1].argmax())
+    ids = prompt.context_ids.to(device)
+    if protocol == "aware":
+        ids = torch.cat([ids, question], dim=1)
+    logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
+    if protocol == "agnostic":
+        logits = compiled(input_ids=question, cache=cache, logits_to_keep=1).logits
+    next_token = int(logits[0, -1].argmax())
     answer, steps = [], []
     while next_token not in stop_ids and len(answer) < prompt.max_new_tokens:
         answer.append(next_token)
@@ -104,7 +121,8 @@ def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[
     return Generation(answer, cache.nbytes(), full, steps)
 
 
-def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, compressions: list[float]) -> None:
+def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, compressions: list[float],
+                     engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",)) -> None:
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks or not tasks:
         raise ValueError(f"unknown task(s) {bad_tasks or '(none given)'}; allowed: {', '.join(TASKS)}")
@@ -116,69 +134,105 @@ def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, 
         raise ValueError("compressions is empty")
     for c in compressions:
         check_compression(c)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"unknown protocol(s) {bad or '(none given)'}; allowed: {', '.join(PROTOCOLS)}")
 
 
-def available_methods(model, methods: list[str]) -> tuple[list[str], list[str]]:
-    """(methods that can run on this model, notes on those skipped because their profile is missing)."""
+def available_methods(model, names: list[str], engine: str) -> tuple[list[Method], list[str]]:
+    """(methods that can run on this model and engine, notes on those skipped: missing profile, oracle)."""
     ok, notes = [], []
-    for method in parse_methods(methods):
+    for name in parse_methods(names):
         try:
-            make_cache(method, model, 0.5)
-            ok.append(method)
+            method = resolve(name, model)
         except ProfileMissingError as e:
-            notes.append(f"skipped {method}: {e}")
+            notes.append(f"skipped {name}: {e}")
+            continue
+        if engine == "compiled" and method.scorer == ORACLE:
+            notes.append(f"skipped {name}: the oracle runs on the simulated engine only")
+            continue
+        ok.append(method)
     return ok, notes
 
 
-def method_runs(methods: list[str], compressions: list[float]) -> list[tuple[str, float]]:
+def variants(methods: list[Method], compressions: list[float]) -> list[Variant]:
     """(method, compression) pairs; the full cache runs once, at compression 0."""
-    return [(m, 0.0) for m in methods if m == "full"] + [(m, c) for m in methods if m != "full" for c in compressions]
-
-
-def summarize(method: str, compression: float, task: str, context_tokens: int,
-              scores: list[float], generations: list[Generation]) -> Row:
-    steps = [s for g in generations for s in g.step_seconds[WARMUP_STEPS:]]
-    return Row(method, compression, task, context_tokens, statistics.fmean(scores), len(scores),
-               statistics.fmean(g.kv_bytes for g in generations),
-               statistics.fmean(g.kv_bytes / g.full_bytes for g in generations),
-               1000 * statistics.median(steps) if steps else float("nan"))
+    return ([Variant(m, 0.0) for m in methods if m.profile is None]
+            + [Variant(m, c) for c in compressions for m in methods if m.profile is not None])
 
 
 def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tokens: list[int], samples: int,
              compressions: list[float], seed: int = 0, progress: bool = True, prompt_format: str = "chat",
-             inner: str = "inductor", compiled=None, prefill_chunk: int | None = None) -> list[Row]:
-    """One Row per (method, compression, task, context length); methods without a profile are skipped.
+             engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",), inner: str = "inductor",
+             compiled=None, prefill_chunk: int | None = None, rank: int = 0, world: int = 1) -> list[Result]:
+    """Results of this rank's samples (sample i runs on rank i % world); methods without a profile are skipped.
 
-    `compiled` is the model compiled with the lukv backend (made here with `inner` if not given).
+    `compiled` (compiled engine) is the model compiled with the lukv backend (made here with `inner` if not given).
     """
-    check_evaluation(tasks, context_tokens, samples, compressions)
+    check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols)
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
-    methods, notes = available_methods(model, methods)
-    for note in notes:
+    chosen, notes = available_methods(model, methods, engine)
+    for note in notes if rank == 0 else []:
         print(note)
-    if compiled is None:
+    runs = variants(chosen, compressions)
+    if engine == "compiled" and compiled is None:
         compiled = torch.compile(model, backend="lukv", options={"inner": inner})
-    runs = method_runs(methods, compressions)
     stop_ids = set(eos_token_ids(model, tokenizer))
-    bar = _progress(len(context_tokens) * len(tasks) * len(runs) * samples, progress)
-    rows = []
+    mine = range(rank, samples, world)
+    bar = _progress(len(context_tokens) * len(tasks) * len(protocols) * len(mine), progress and rank == 0)
+    results = []
     for length in context_tokens:
         for task in tasks:
             task_samples = make_samples(task, tokenizer, length, samples, seed)
-            prompts = [encode(tokenizer, s, prompt_format) for s in task_samples]
-            for method, compression in runs:
-                bar.set_description(f"{length} {task} {method} {compression:g}")
-                scores, generations = [], []
-                for sample, prompt in zip(task_samples, prompts, strict=True):
-                    generation = run_sample(compiled, model, make_cache(method, model, compression), prompt,
-                                            stop_ids, prefill_chunk)
-                    scores.append(score(sample, tokenizer.decode(generation.tokens, skip_special_tokens=True)))
-                    generations.append(generation)
+            for index in mine:
+                sample = task_samples[index]
+                prompt = encode(tokenizer, sample, prompt_format)
+                for protocol in protocols:
+                    bar.set_description(f"{length} {task} {protocol}")
+                    where = (protocol, length, task, index)
+                    if engine == "simulated":
+                        results += simulated_results(model, tokenizer, sample, prompt, runs, where, stop_ids)
+                    else:
+                        results += compiled_results(compiled, model, tokenizer, sample, prompt, runs, where,
+                                                    stop_ids, prefill_chunk)
                     bar.update(1)
-                rows.append(summarize(method, compression, task, length, scores, generations))
     bar.close()
-    return rows
+    return results
+
+
+def simulated_results(model, tokenizer, sample: Sample, prompt: Prompt, runs: list[Variant], where: tuple,
+                      stop_ids: set[int]) -> list[Result]:
+    compressed = [v for v in runs if v.method.profile is not None]
+    got = simulate_sample(model, prompt.context_ids[0].tolist(), prompt.question_ids, compressed, where[0],
+                          stop_ids, prompt.max_new_tokens)
+    out = []
+    for variant in runs:
+        if variant.method.profile is None:
+            tokens, kept = got.full, 1.0
+        else:
+            i = compressed.index(variant)
+            tokens, kept = got.answers[i], got.kept[i]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        out.append(Result("simulated", *where, variant.method.name, variant.compression, score(sample, text), text,
+                          kept=kept))
+    return out
+
+
+def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt, runs: list[Variant], where: tuple,
+                     stop_ids: set[int], prefill_chunk: int | None) -> list[Result]:
+    out = []
+    for variant in runs:
+        cache = make_cache(variant.method.name, model, variant.compression)
+        g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0])
+        text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+        steps = g.step_seconds[WARMUP_STEPS:]
+        out.append(Result("compiled", *where, variant.method.name, variant.compression, score(sample, text), text,
+                          kv_ratio=g.kv_bytes / g.full_bytes,
+                          decode_ms=1000 * statistics.median(steps) if steps else None))
+    return out
 
 
 def _progress(total: int, enabled: bool):

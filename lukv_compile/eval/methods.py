@@ -1,30 +1,30 @@
-"""The compared methods, every one a LUKVCache: same ragged storage, same compiled kernels.
+"""The compared methods: a budget allocation x a token scorer, every one a LUKVCache on the compiled path.
 
-A method only decides the budget allocation (a Profile, or AdaKV's run-time split) and the scorer, so
-accuracy, memory and latency differences come from the policy alone, not from the implementation.
+A method only decides how many tokens each head keeps (the budget) and which ones (the scorer), so
+accuracy and memory differences come from the policy alone, not from the implementation. Names are
+`budget:scorer`:
 
-    full                     compression 0: every token kept (the reference)
-    streaming                StreamingLLM: sink 4 + the most recent tokens, uniform over heads
-    snapkv                   SnapKV scores, uniform budget per head
-    pyramidkv                SnapKV scores, keep fraction falling linearly with depth
-    adakv                    SnapKV scores, per-layer totals of uniform, split over heads at run time
-    lukv_snapkv / lukv_keydiff / lukv_expected_attention
-                             LU-KV: per-head budgets from the shipped offline profile for that scorer
+    budgets   uniform        every head keeps the same fraction
+              pyramid        PyramidKV: keep fraction falling linearly with depth (1.5x -> 0.5x the mean)
+              adakv          AdaKV: per-layer totals of uniform, split over the heads by score at run time
+              lukv           LU-KV: per-head budgets of the shipped offline profile made for this scorer
+              lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
+    scorers   any runtime scorer (lukv_compile.scorers), or `oracle`: tokens ranked by the oracle utility
+              of the actual question (a query-aware ceiling; the simulated engine only)
+
+plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 from lukv_compile.cache import LUKVCache
 from lukv_compile.models import config_fingerprint
-from lukv_compile.profile import Profile
+from lukv_compile.profile import SCORERS, Profile
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
-
-CacheFactory = Callable[[object, float], LUKVCache]
 
 
 class ProfileMissingError(FileNotFoundError):
@@ -58,60 +58,77 @@ def shipped_profile(model, scorer: str) -> Profile:
     return profile
 
 
-def full(model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, compression=0.0)
+BUDGETS = ("uniform", "pyramid", "adakv", "lukv")
+ORACLE = "oracle"
+ALIASES = {"streaming": "uniform:streaming"}
 
 
-def streaming(model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, profile=Profile.uniform(*layers_and_heads(model), scorer="streaming"),
-                     compression=compression)
+@dataclass(frozen=True)
+class Method:
+    """A parsed method: its name, the budgets (a Profile's fractions, sink and window), scorer and policy."""
+
+    name: str
+    scorer: str
+    profile: Profile | None  # None: the full cache
+    adaptive: bool = False  # AdaKV's run-time split of each layer's total
 
 
-def snapkv(model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, profile=Profile.uniform(*layers_and_heads(model), scorer="snapkv"),
-                     compression=compression)
+def split_name(name: str) -> tuple[str, str]:
+    """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
+    budget, sep, scorer = ALIASES.get(name, name).partition(":")
+    base, _, profile_scorer = budget.partition("-")
+    known_scorer = scorer in SCORERS or scorer == ORACLE
+    known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in SCORERS)
+    if name != "full" and not (sep and known_scorer and known_budget):
+        raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
+                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(SCORERS)}, {ORACLE}")
+    return budget, scorer
 
 
-def pyramidkv(model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, profile=Profile.pyramid(*layers_and_heads(model), scorer="snapkv"),
-                     compression=compression)
+def resolve(name: str, model) -> Method:
+    """The Method called `name` for this model (reads the shipped profile for lukv budgets)."""
+    if name == "full":
+        return Method("full", "streaming", None)
+    budget, scorer = split_name(name)
+    layers, heads = layers_and_heads(model)
+    # The oracle protects like the attention-free scorers (sink 4, last token); LU-KV budgets keep their profile's.
+    protection = "keydiff" if scorer == ORACLE else scorer
+    if budget in ("uniform", "adakv"):
+        profile = Profile.uniform(layers, heads, scorer=protection)
+    elif budget == "pyramid":
+        profile = Profile.pyramid(layers, heads, scorer=protection)
+    else:
+        profile = shipped_profile(model, budget.partition("-")[2] or scorer)
+    return Method(name, scorer, profile, adaptive=budget == "adakv")
 
 
-def adakv(model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, profile=Profile.uniform(*layers_and_heads(model), scorer="snapkv"),
-                     compression=compression, policy="adakv")
-
-
-def lukv(scorer: str, model, compression: float) -> LUKVCache:
-    return LUKVCache(model.config, profile=shipped_profile(model, scorer), compression=compression)
-
-
-METHODS: dict[str, CacheFactory] = {
-    "full": full,
-    "streaming": streaming,
-    "snapkv": snapkv,
-    "pyramidkv": pyramidkv,
-    "adakv": adakv,
-    "lukv_snapkv": partial(lukv, "snapkv"),
-    "lukv_keydiff": partial(lukv, "keydiff"),
-    "lukv_expected_attention": partial(lukv, "expected_attention"),
-}
+def standard_methods() -> list[str]:
+    """`all`: the full cache, StreamingLLM, every budget with every scorer, and the oracle with every budget."""
+    ranked = [s for s in SCORERS if s != "streaming"]
+    return (["full", "streaming"] + [f"{b}:{s}" for s in ranked for b in BUDGETS]
+            + [f"{b}:{ORACLE}" for b in BUDGETS[:3]] + [f"lukv-{s}:{ORACLE}" for s in ranked])
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
     """'all', a comma-separated string or a list -> method names, checked before any work starts."""
-    names = list(METHODS) if text == "all" else [n.strip() for n in (text.split(",") if isinstance(text, str)
-                                                                      else text) if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"allowed: {', '.join(METHODS)} or all")
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    names = standard_methods() if names == ["all"] else names
+    if not names:
+        raise ValueError("no method given; e.g. full,uniform:snapkv,lukv:keydiff")
+    for name in names:
+        split_name(name)
     if len(set(names)) != len(names):
         raise ValueError(f"a method is listed twice: {', '.join(names)}")
     return names
 
 
-def make_cache(method: str, model, compression: float) -> LUKVCache:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    return METHODS[method](model, compression)
+def make_cache(name: str, model, compression: float) -> LUKVCache:
+    """The LUKVCache that runs method `name` on the compiled path (the full cache ignores `compression`)."""
+    method = resolve(name, model)
+    if method.profile is None:
+        return LUKVCache(model.config, compression=0.0)
+    if method.scorer == ORACLE:
+        raise ValueError(f"{name}: the oracle scorer needs the evaluation question; only the simulated engine "
+                         "runs it (lukv eval --engine simulated)")
+    return LUKVCache(model.config, profile=method.profile, compression=compression,
+                     policy="adakv" if method.adaptive else "lukv")

@@ -1,5 +1,8 @@
-"""Results as Markdown (one table per context length) and PNG plots.
+"""Results as Markdown tables with 95% bootstrap intervals, and a PNG plot.
 
+A cell is (engine, protocol, context length, method, compression); its score is the mean over tasks of
+each task's mean over samples, and its interval resamples the samples of every task (percentile
+bootstrap). The oracle ceiling of a (protocol, context, compression) is the best `*:oracle` method there.
 `write_results` replaces only the generated block between the BEGIN/END markers of an existing file,
 so hand-written analysis around it survives a re-run.
 """
@@ -10,59 +13,152 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lukv_compile.eval.harness import Row
+import numpy as np
+
+from lukv_compile.eval.harness import Result
+from lukv_compile.eval.methods import ORACLE, split_name
 
 BEGIN = "<!-- lukv eval: generated results begin -->"
 END = "<!-- lukv eval: generated results end -->"
+RESAMPLES = 2000
+
+Table = tuple[str, str, int]  # engine, protocol, context length
+Cell = tuple[str, float]  # method, compression
 
 
-def _groups(rows: list[Row]) -> dict[int, dict[tuple[str, float], dict[str, Row]]]:
-    """context length -> (method, compression) -> task -> Row, in first-seen order."""
-    out: dict = defaultdict(lambda: defaultdict(dict))
-    for row in rows:
-        out[row.context_tokens][(row.method, row.compression)][row.task] = row
+def group(results: list[Result]) -> dict[Table, dict[Cell, dict[str, list[Result]]]]:
+    """(engine, protocol, context) -> (method, compression) -> task -> results, in first-seen order."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in results:
+        out[r.engine, r.protocol, r.context_tokens][r.method, r.compression][r.task].append(r)
     return out
 
 
-def mean_score(by_task: dict[str, Row]) -> float:
-    return statistics.fmean(r.score for r in by_task.values())
+def cell_mean(by_task: dict[str, list[Result]]) -> float:
+    return statistics.fmean(statistics.fmean(r.score for r in rs) for rs in by_task.values())
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """Rows method x compression; columns per-task score, mean, % of full, KV bytes ratio, decode ms."""
-    if not rows:
-        raise ValueError("no result rows to report")
+def bootstrap_interval(by_task: dict[str, list[Result]], resamples: int = RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over tasks, resampling each task's samples with replacement."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for rs in by_task.values():
+        scores = np.array([r.score for r in rs])
+        picks = rng.integers(0, len(scores), size=(resamples, len(scores)))
+        means += scores[picks].mean(axis=1)
+    means /= len(by_task)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def is_oracle(method: str) -> bool:
+    return method != "full" and split_name(method)[1] == ORACLE
+
+
+def ceilings(runs: dict[Cell, dict[str, list[Result]]]) -> dict[float, float]:
+    """compression -> best oracle mean."""
+    best: dict[float, float] = {}
+    for (method, compression), by_task in runs.items():
+        if is_oracle(method):
+            best[compression] = max(best.get(compression, 0.0), cell_mean(by_task))
+    return best
+
+
+def _optional_mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def markdown_table(results: list[Result]) -> str:
+    """One table per (engine, protocol, context): per-task means, mean [95% CI], % of ceiling and of full."""
+    if not results:
+        raise ValueError("no results to report")
     parts = []
-    for length, runs in _groups(rows).items():
+    for (engine, protocol, length), runs in group(results).items():
         tasks = list(dict.fromkeys(t for by_task in runs.values() for t in by_task))
         full = runs.get(("full", 0.0))
-        full_mean = mean_score(full) if full else None
-        n = sorted({r.n for by_task in runs.values() for r in by_task.values()})
-        parts.append(f"### Context {length} tokens (samples per task: {', '.join(map(str, n))})\n")
-        parts.append("| method | compression | " + " | ".join(tasks) + " | mean | % of full | KV bytes ratio "
-                     "| decode ms |")
-        parts.append("|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|")
-        for (method, compression), by_task in runs.items():
-            scores = " | ".join(f"{by_task[t].score:.2f}" if t in by_task else "-" for t in tasks)
-            mean = mean_score(by_task)
+        full_mean = cell_mean(full) if full else None
+        ceiling = ceilings(runs)
+        n = sorted({len(rs) for by_task in runs.values() for rs in by_task.values()})
+        parts.append(f"### {protocol}, context {length} tokens, {engine} engine (samples per task: "
+                     f"{', '.join(map(str, n))})\n")
+        parts.append("| method | compression | " + " | ".join(tasks) + " | mean [95% CI] | % of ceiling | % of full "
+                     "| kept | KV bytes ratio | decode ms |")
+        parts.append("|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|")
+        for (method, compression), by_task in sorted(runs.items(), key=lambda item: item[0][1]):
+            per_task = " | ".join(f"{cell_mean({t: by_task[t]}):.2f}" if t in by_task else "-" for t in tasks)
+            mean = cell_mean(by_task)
+            low, high = bootstrap_interval(by_task)
+            flat = [r for rs in by_task.values() for r in rs]
+            of_ceiling = f"{100 * mean / ceiling[compression]:.0f}%" if ceiling.get(compression) else "-"
             of_full = f"{100 * mean / full_mean:.0f}%" if full_mean else "-"
-            ratio = statistics.fmean(r.kv_ratio for r in by_task.values())
-            decode = statistics.median(r.decode_ms for r in by_task.values())
-            parts.append(f"| {method} | {compression:g} | {scores} | {mean:.3f} | {of_full} | {ratio:.3f} "
-                         f"| {decode:.1f} |")
+            kept, ratio = _optional_mean([r.kept for r in flat]), _optional_mean([r.kv_ratio for r in flat])
+            decode = [r.decode_ms for r in flat if r.decode_ms is not None]
+            parts.append(f"| {method} | {compression:g} | {per_task} | {mean:.3f} [{low:.2f}, {high:.2f}] "
+                         f"| {of_ceiling} | {of_full} | {_fmt(kept, '.3f')} | {_fmt(ratio, '.3f')} "
+                         f"| {_fmt(statistics.median(decode) if decode else None, '.1f')} |")
         parts.append("")
     return "\n".join(parts)
 
 
-def results_block(rows: list[Row], meta: dict[str, str]) -> str:
-    lines = [BEGIN, ""] + [f"- **{key}**: {value}" for key, value in meta.items()] + ["", markdown_table(rows), END]
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def budget_table(results: list[Result]) -> str:
+    """Per scorer: mean score of each budget allocation with that scorer, and LU-KV's share of the ceiling."""
+    parts = []
+    for (engine, protocol, length), runs in group(results).items():
+        ceiling = ceilings(runs)
+        budgets = ["uniform", "pyramid", "adakv", "lukv"]
+        by_scorer: dict[tuple[str, float], dict[str, float]] = defaultdict(dict)
+        for (method, compression), by_task in runs.items():
+            if method == "full":
+                continue
+            budget, scorer = split_name(method)
+            by_scorer[scorer, compression][budget] = cell_mean(by_task)
+        if not by_scorer:
+            continue
+        parts.append(f"#### Same-scorer baselines: {protocol}, context {length}, {engine} engine\n")
+        parts.append("| scorer | compression | " + " | ".join(budgets) + " | LU-KV - best baseline | LU-KV / ceiling |")
+        parts.append("|---|---:|" + "---:|" * (len(budgets) + 2))
+        for (scorer, compression), means in sorted(by_scorer.items(), key=lambda item: (item[0][1], item[0][0])):
+            cells = " | ".join(_fmt(means.get(b), ".3f") for b in budgets)
+            baselines = [means[b] for b in budgets[:3] if b in means]
+            gap = _fmt(means["lukv"] - max(baselines), "+.3f") if "lukv" in means and baselines else "-"
+            share = (f"{100 * means['lukv'] / ceiling[compression]:.0f}%"
+                     if "lukv" in means and ceiling.get(compression) else "-")
+            parts.append(f"| {scorer} | {compression:g} | {cells} | {gap} | {share} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def cross_check(results: list[Result]) -> str:
+    """Agreement of the two engines on the (protocol, context, task, sample, method, compression) both ran."""
+    by_engine: dict[str, dict[tuple, Result]] = defaultdict(dict)
+    for r in results:
+        by_engine[r.engine][r.protocol, r.context_tokens, r.task, r.sample, r.method, r.compression] = r
+    shared = sorted(set(by_engine["simulated"]) & set(by_engine["compiled"]))
+    if not shared:
+        return ""
+    same_answer = sum(by_engine["simulated"][k].answer == by_engine["compiled"][k].answer for k in shared)
+    same_score = sum(by_engine["simulated"][k].score == by_engine["compiled"][k].score for k in shared)
+    return (f"**Cross-check, simulated vs compiled engine**: {len(shared)} (sample, method, compression) runs in "
+            f"common; identical answers {same_answer}/{len(shared)}, identical scores {same_score}/{len(shared)}.\n")
+
+
+def results_block(results: list[Result], meta: dict[str, str]) -> str:
+    lines = [BEGIN, ""] + [f"- **{key}**: {value}" for key, value in meta.items()]
+    lines += ["", cross_check(results), markdown_table(results), budget_table(results), END]
     return "\n".join(lines)
 
 
-def write_results(rows: list[Row], path: str | Path, meta: dict[str, str], title: str = "# Evaluation results") -> None:
+def write_results(results: list[Result], path: str | Path, meta: dict[str, str],
+                  title: str = "# Evaluation results") -> None:
     """Write (or update the generated block of) the Markdown results file."""
     path = Path(path)
-    block = results_block(rows, meta)
+    block = results_block(results, meta)
     text = path.read_text() if path.is_file() else ""
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
@@ -72,40 +168,33 @@ def write_results(rows: list[Row], path: str | Path, meta: dict[str, str], title
     path.write_text(text)
 
 
-def plot_accuracy(rows: list[Row], path: str | Path) -> None:
-    """Mean score vs compression, one line per method (full cache as a dashed line), one panel per length."""
+def plot_accuracy(results: list[Result], path: str | Path) -> None:
+    """Mean score vs compression: LU-KV per scorer, the oracle ceiling, the full cache; one panel per table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _groups(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, (length, runs) in zip(axes[0], groups.items(), strict=True):
-        if len({c for m, c in runs if m != "full"}) <= 1:  # one ratio: lines would be dots on top of each other
-            names = [m for m, _ in runs]
-            ax.bar(names, [mean_score(by_task) for by_task in runs.values()], color="tab:blue")
-            ax.set_title(f"context {length} tokens, compression {max(c for _, c in runs):g}")
-            ax.set_ylabel("mean score")
-            ax.set_ylim(0, 1.02)
-            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-            continue
+    tables = group(results)
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4), squeeze=False)
+    for ax, ((engine, protocol, length), runs) in zip(axes[0], tables.items(), strict=True):
         curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for (method, compression), by_task in runs.items():
-            curves[method].append((compression, mean_score(by_task)))
-        for method, points in curves.items():
             if method == "full":
-                ax.axhline(points[0][1], color="black", linestyle="--", label="full")
-                continue
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
-        ax.set_title(f"context {length} tokens")
+                ax.axhline(cell_mean(by_task), color="black", linestyle="--", label="full")
+            elif method.startswith("lukv:") or method == "uniform:snapkv":
+                curves[method].append((compression, cell_mean(by_task)))
+        curves["oracle ceiling"] = sorted(ceilings(runs).items())
+        for method, points in curves.items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.set_title(f"{protocol}, {length} tokens ({engine})")
         ax.set_xlabel("compression (fraction of KV removed)")
         ax.set_ylabel("mean score")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -84,6 +84,7 @@ class PrefillRecord:
     scaling: list[float]
     value_weights: torch.Tensor  # n [L, Hq, T]
     cache: object  # the model's KV cache right after the context (copied per question)
+    last_logits: torch.Tensor  # [vocab] the prefill's next-token logits
 
     @property
     def context_len(self) -> int:
@@ -123,7 +124,7 @@ def record_prefill(model, context_ids: torch.Tensor) -> PrefillRecord:
     missing = [layer for layer in range(num_layers) if k[layer] is None]
     if missing:
         raise RuntimeError(f"attention was not recorded for layers {missing}")
-    return PrefillRecord(q, k, v, scaling, torch.stack(weights), out.cache)
+    return PrefillRecord(q, k, v, scaling, torch.stack(weights), out.cache, out.logits[0, -1].float())
 
 
 def _as_batch(ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -135,16 +136,23 @@ def _as_batch(ids: torch.Tensor, name: str) -> torch.Tensor:
     return ids.long()
 
 
-def decode_probabilities(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                         scaling: float) -> torch.Tensor:
-    """Attention probabilities [Hq, S] of one decode query ([1, Hq, 1, D]) over keys [1, H_kv, S, D]."""
-    hq, h_kv = query.shape[1], key.shape[1]
+def decode_importance(importance: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                      value_weights: torch.Tensor, scaling: float) -> None:
+    """importance [H_kv, P] = max(importance, A * n) over the chunk's queries and each KV head's GQA group.
+
+    query [1, Hq, c, D] are the last c of the S positions of key [1, H_kv, S, D] (unpadded, causal:
+    query i sees keys up to S - c + i); A is their attention over the first P keys, n = value_weights
+    [Hq, P] (`value_output_weights`).
+    """
+    hq, c, h_kv = query.shape[1], query.shape[2], key.shape[1]
+    s, p = key.shape[2], importance.shape[-1]
     keys = key[0].float().repeat_interleave(hq // h_kv, dim=0)  # [Hq, S, D]
-    logits = torch.einsum("hd,hsd->hs", query[0, :, 0].float(), keys) * scaling
-    if mask is not None:  # SDPA-format: bool (True = may attend) or additive float, [B, 1, 1, S]
-        row = mask[0, 0, -1, -keys.shape[1]:]
-        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
-    return logits.softmax(dim=-1)
+    logits = torch.einsum("hcd,hsd->hcs", query[0].float(), keys) * scaling
+    if c > 1:
+        last_seen = s - c + torch.arange(c, device=query.device)
+        logits.masked_fill_(torch.arange(s, device=query.device)[None, :] > last_seen[:, None], float("-inf"))
+    weighted = logits.softmax(dim=-1)[..., :p] * value_weights[:, None, :]  # [Hq, c, P]
+    torch.maximum(importance, weighted.amax(dim=1).view(h_kv, -1, p).amax(dim=1), out=importance)
 
 
 @dataclass
@@ -180,9 +188,7 @@ def oracle_importance(model, record: PrefillRecord, question_ids: torch.Tensor, 
         layer = _layer_index(module)
         if query.shape[2] != 1 or layer in skip_layers:  # the question chunk is not a decode step
             return
-        probs = decode_probabilities(query, key, mask, record.scaling[layer])[:, :t_ctx]
-        weighted = (probs * record.value_weights[layer]).view(record.num_kv_heads, -1, t_ctx).amax(dim=1)
-        torch.maximum(importance[layer], weighted, out=importance[layer])
+        decode_importance(importance[layer], query, key, record.value_weights[layer], record.scaling[layer])
 
     generated = []
     position = t_ctx
