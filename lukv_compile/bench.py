@@ -39,6 +39,7 @@ from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
 from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.models import MODELS
 from lukv_compile.profile import Profile
+from lukv_compile.warm import caching_disabled, save_warm_start, warm_start
 
 WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
 # (the sequence length becomes a dynamic size)
@@ -71,18 +72,21 @@ def passkey_prompt(tokenizer, context_tokens: int) -> tuple[str, list[str]]:
 def run_demo(args) -> None:
     from lukv_compile.models import load_model
 
+    start = time.perf_counter()
     say(f"loading {args.model} ...")
     model, tokenizer = load_model(args.model)
     prompt, answers = passkey_prompt(tokenizer, args.context)
     inputs = tokenizer(prompt, return_tensors="pt")
     profile = shipped_profile(model)
+    say(start_warm(model, args.inner))
     compiled = torch.compile(model, backend="lukv",
                              options={"profile": profile, "compression": args.compression, "inner": args.inner})
     say(f"generating from a {inputs.input_ids.shape[1]}-token prompt (the first call compiles; "
         f"inner compiler {args.inner}) ...")
-    start = time.perf_counter()
+    loaded = time.perf_counter()
     out = compiled.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
-    seconds = time.perf_counter() - start
+    generated = time.perf_counter()
+    saved = save_warm_start(model)
     answer = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     tokens = out.sequences.shape[1] - 1
     full = full_cache_nbytes(model.config, 1, tokens, model.dtype)
@@ -90,7 +94,21 @@ def run_demo(args) -> None:
     say(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}")
     say(f"answer: {answer.strip()!r}  ({'found' if found else 'missed'} the passkey {', '.join(answers)})")
     say(f"KV cache: {out.cache.nbytes() / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB uncompressed "
-        f"({out.cache.nbytes() / full:.3f}x); generate took {seconds:.1f} s including compilation")
+        f"({out.cache.nbytes() / full:.3f}x)")
+    say(f"time: load {loaded - start:.1f} s, generate {generated - loaded:.1f} s including compilation, "
+        f"total {time.perf_counter() - start:.1f} s" + (f"; compile artifacts saved to {saved}" if saved else ""))
+
+
+def start_warm(model, inner: str) -> str:
+    """Load the compile artifacts an earlier run saved (lukv_compile/warm.py); one line saying what happened."""
+    if caching_disabled():
+        return "warm start skipped: PyTorch's compile caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES)"
+    if inner != "inductor":
+        return f"no warm start with inner {inner}: only inductor's compiled code is cached"
+    path = warm_start(model)
+    if path is None:
+        return "no compile artifacts saved yet: this run compiles cold (inductor saves them for the next run)"
+    return f"warm start: compile artifacts loaded from {path}"
 
 
 def say(message: str) -> None:

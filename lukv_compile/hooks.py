@@ -9,6 +9,10 @@ Two small hooks, installed on import:
    whose `generate` would otherwise run the original module uncompiled) with a `LUKVCache` built from
    the options, or the user's own. Everything that can be checked before tracing is checked here:
    attention implementation, cache type, assisted decoding, use_cache=False, conflicting settings.
+
+Both compiled calls (generate's and a `torch.compile(model)` called by hand) mark the sequence dimension
+of a multi-token chunk dynamic, so Dynamo compiles two graphs for the life of the process: one for
+prompts of any length and one for single-token decode steps (docs/architecture.md says what adds more).
 """
 
 from __future__ import annotations
@@ -69,8 +73,36 @@ def on_optimize(original):
 def mark(fn, result, context, settings: LUKVSettings, options: dict) -> None:
     if isinstance(fn, torch.nn.Module):  # torch.compile(model, ...)
         fn.__dict__["_lukv_wrapped"] = CompiledWithLUKV(settings, options, context=context)
+        result.register_forward_pre_hook(mark_chunk_dynamic, with_kwargs=True)  # runs before Dynamo's frame
     elif getattr(fn, "__func__", None) is torch.nn.Module._call_impl:  # model.compile(...)
         fn.__self__.__dict__["_lukv_compiled"] = CompiledWithLUKV(settings, options, call=result)
+
+
+SEQUENCE_DIM = {"input_ids": -1, "attention_mask": -1, "position_ids": -1, "cache_position": -1,
+                "inputs_embeds": -2}
+
+
+def mark_chunk_dynamic(module, args: tuple, kwargs: dict) -> None:
+    """Mark the sequence dimension of a multi-token chunk's inputs dynamic (a forward pre-hook's signature).
+
+    Without it Dynamo compiles the first prompt at its exact length, and again (dynamic) after a second
+    length: three graphs. Single tokens stay static (Dynamo specialises size 1 anyway): the decode graph.
+    A positional first argument is the input ids.
+    """
+    inputs = dict(kwargs, input_ids=args[0]) if args and isinstance(args[0], torch.Tensor) else kwargs
+    for name, dim in SEQUENCE_DIM.items():
+        tensor = inputs.get(name)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= -dim and tensor.shape[dim] > 1:
+            torch._dynamo.maybe_mark_dynamic(tensor, tensor.dim() + dim)
+
+
+def marking_chunks_dynamic(call):
+    @functools.wraps(call)
+    def forward(*args, **kwargs):
+        mark_chunk_dynamic(None, args, kwargs)
+        return call(*args, **kwargs)
+
+    return forward
 
 
 def compiled_with_lukv(model) -> CompiledWithLUKV | None:
@@ -119,17 +151,18 @@ def cache_for_generate(model, plan: CompiledWithLUKV, cache) -> LUKVCache:
 
 @contextlib.contextmanager
 def compiled_forward(model, plan: CompiledWithLUKV):
-    """For the torch.compile(model) form, whose generate() runs on the original module: the compiled forward."""
-    if plan.context is None:  # model.compile(): the model calls its compiled forward already
-        yield
-        return
-    if plan.route is None:  # Dynamo's own call, not our hook: this is not a model.compile() by the user
-        plan.route = _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl)
+    """generate() on the compiled forward, marking chunks dynamic: the torch.compile(model) form's generate()
+    would run the original module, and model.compile()'s has no place to mark its inputs."""
+    if plan.route is None:
+        # Dynamo's own call, not our hook: this is not a model.compile() by the user
+        compiled = plan.call or _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl)
+        plan.route = marking_chunks_dynamic(compiled)
+    restore = model._compiled_call_impl
     model._compiled_call_impl = plan.route
     try:
         yield
     finally:
-        model._compiled_call_impl = None
+        model._compiled_call_impl = restore
 
 
 def prefill_before_generate(model, cache: LUKVCache, args: tuple, kwargs: dict) -> None:
