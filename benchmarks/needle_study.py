@@ -32,6 +32,7 @@ def needle_positions(context: list[int], answer_ids: list[int]) -> list[int]:
     return [i + j for i in range(len(context) - n + 1) if context[i:i + n] == answer_ids for j in range(n)]
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=1024)

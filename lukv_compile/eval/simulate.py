@@ -161,6 +161,7 @@ def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prom
     return torch.stack(masks)
 
 
+@torch.no_grad()
 def answer_with_oracle(model, record: PrefillRecord, question: list[int], protocol: str, stop_ids: set[int],
                        max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """The full cache's greedy answer, and the oracle utility [L, H_kv, P] of the question and that answer."""
