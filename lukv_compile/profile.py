@@ -13,7 +13,7 @@ model, scorer, sink and window it was made for. Inference refuses a mismatch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,20 @@ class Profile:
         window = DEFAULT_WINDOW[check_scorer(scorer)] if window is None else window
         return cls(prune.astype(np.float32), scorer=scorer, sink=sink, window=window,
                    calibration="pyramidkv linear", scope="pyramid")
+
+    def floored(self, share: float) -> Profile:
+        """Every compressed head keeps at least `share` of the uniform keep fraction, same total per ratio.
+
+        keep' = share * (1 - rho) + (1 - share) * keep for each ratio rho: a blend with uniform, so each
+        layer's total is unchanged and a head the profile starves still holds `share` of an even split.
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"floor share must be in [0, 1], got {share!r}")
+        rho = (np.arange(1, NUM_RATIOS + 1, dtype=np.float64) / 100)[:, None, None]
+        keep = share * (1 - rho) + (1 - share) * (1 - self.prune.astype(np.float64))
+        prune = np.clip(1 - keep, 0.0, 0.999)
+        prune[:, list(self.excluded_layers)] = 0.0
+        return replace(self, prune=prune.astype(np.float32), scope=f"{self.scope}, floored {share:g}")
 
     def fractions(self, compression: float) -> np.ndarray:
         """Prune fractions [L, H_kv] for a global compression ratio; compression 0 keeps everything."""

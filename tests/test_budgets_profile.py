@@ -171,3 +171,17 @@ def test_snapkv_prefers_keys_the_window_attends():
     s = score("snapkv", q, k, torch.ones(1, 1, 40, 8), torch.ones(1, 1, 40, dtype=torch.bool))
     assert s[0, 0].argmax() in (0, 1, 2, 3, 4, 5, 6)  # max-pooling spreads it over its neighbours
     assert s[0, 0, 3] > s[0, 0, 20]
+
+
+def test_floored_profile_keeps_totals_and_lifts_starved_heads():
+    profile = Profile.uniform(3, 2)
+    profile.prune[:, 0, 0] = 0.999  # a head the profile starves
+    profile.prune[:, 0, 1] = np.clip(1 - 2 * (1 - profile.prune[:, 0, 1]) + 0.001, 0, 0.999)
+    floored = profile.floored(0.2)
+    for compression in (0.5, 0.8, 0.9):
+        keep, kept = 1 - profile.fractions(compression), 1 - floored.fractions(compression)
+        np.testing.assert_allclose(kept.mean(axis=1), keep.mean(axis=1), atol=1e-6)  # same total per layer
+        assert kept.min() >= 0.2 * (1 - compression) - 1e-6
+    assert "floored 0.2" in floored.scope and profile.floored(0.0).prune.tolist() == profile.prune.tolist()
+    with pytest.raises(ValueError, match="floor share must be in"):
+        profile.floored(1.5)

@@ -9,6 +9,8 @@ accuracy and memory differences come from the policy alone, not from the impleme
               adakv          AdaKV: per-layer totals of uniform, split over the heads by score at run time
               lukv           LU-KV: per-head budgets of the shipped offline profile made for this scorer
               lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
+              floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
+                             (`Profile.floored`; same totals), so no head the profile starves drops to ~0
     scorers   any runtime scorer (lukv_compile.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only)
 
@@ -58,7 +60,8 @@ def shipped_profile(model, scorer: str) -> Profile:
     return profile
 
 
-BUDGETS = ("uniform", "pyramid", "adakv", "lukv")
+BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored")
+FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
 ALIASES = {"streaming": "uniform:streaming"}
 
@@ -97,6 +100,8 @@ def resolve(name: str, model) -> Method:
         profile = Profile.uniform(layers, heads, scorer=protection)
     elif budget == "pyramid":
         profile = Profile.pyramid(layers, heads, scorer=protection)
+    elif budget == "floored":
+        profile = shipped_profile(model, scorer).floored(FLOOR_SHARE)
     else:
         profile = shipped_profile(model, budget.partition("-")[2] or scorer)
     return Method(name, scorer, profile, adaptive=budget == "adakv")
@@ -105,14 +110,15 @@ def resolve(name: str, model) -> Method:
 def standard_methods() -> list[str]:
     """`all`: the full cache, StreamingLLM, every budget with every scorer, and the oracle with every budget."""
     ranked = [s for s in SCORERS if s != "streaming"]
-    return (["full", "streaming"] + [f"{b}:{s}" for s in ranked for b in BUDGETS]
+    return (["full", "streaming"] + [f"{b}:{s}" for s in ranked for b in BUDGETS[:4]]
             + [f"{b}:{ORACLE}" for b in BUDGETS[:3]] + [f"lukv-{s}:{ORACLE}" for s in ranked])
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
-    """'all', a comma-separated string or a list -> method names, checked before any work starts."""
+    """A comma-separated string or a list -> method names ('all' expands to `standard_methods()`), checked
+    before any work starts."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    names = standard_methods() if names == ["all"] else names
+    names = [m for n in names for m in (standard_methods() if n == "all" else [n])]
     if not names:
         raise ValueError("no method given; e.g. full,uniform:snapkv,lukv:keydiff")
     for name in names:

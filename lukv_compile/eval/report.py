@@ -111,13 +111,14 @@ def budget_table(results: list[Result]) -> str:
     parts = []
     for (engine, protocol, length), runs in group(results).items():
         ceiling = ceilings(runs)
-        budgets = ["uniform", "pyramid", "adakv", "lukv"]
         by_scorer: dict[tuple[str, float], dict[str, float]] = defaultdict(dict)
         for (method, compression), by_task in runs.items():
             if method == "full":
                 continue
             budget, scorer = split_name(method)
             by_scorer[scorer, compression][budget] = cell_mean(by_task)
+        seen = {b for means in by_scorer.values() for b in means}
+        budgets = ["uniform", "pyramid", "adakv", "lukv"] + (["floored"] if "floored" in seen else [])
         if not by_scorer:
             continue
         parts.append(f"#### Same-scorer baselines: {protocol}, context {length}, {engine} engine\n")
