@@ -268,6 +268,7 @@ def test_command_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
     (["--compression", "0.8,1.5"], "compression must be"),
     (["--tasks", "sudoku"], "unknown task"),
     (["--protocol", "psychic"], "unknown protocol"),
+    (["--profile-dir", "/no/such/dir"], "--profile-dir: /no/such/dir is not a folder"),
     (["--out", "/no/such/dir/r.md"], "--out: folder /no/such/dir does not exist"),
     (["--from-json", "/no/such.json"], "--from-json needs --out"),
     (["--from-json", "/no/such.json", "--out", "r.md"], "--from-json: /no/such.json is not a JSON file"),

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                    "(default 0.8; the full cache always runs at 0)")
     p.add_argument("--methods", default="all", help=f"comma-separated methods or all: full, streaming, budget:scorer "
                    f"with budget in {', '.join(BUDGETS)}, lukv-<scorer>; scorer a runtime scorer or oracle")
+    p.add_argument("--profile-dir", default=None, help="read the LU-KV profiles of lukv budgets from this folder "
+                   "(<model>-<scorer>.safetensors) instead of the shipped ones")
     p.add_argument("--engine", choices=ENGINES, default="simulated",
                    help="simulated: one prefill per sample, every method decoded as one batch (default); "
                    "compiled: the product path, one LUKVCache per run, measures memory and decode time")
@@ -81,6 +83,7 @@ def canonical_command(args, tasks, contexts, compressions) -> str:
              f"--prompt-format {args.prompt_format} --seed {args.seed}"]
     parts += [f"--inner {args.inner}"] if args.engine == "compiled" else []
     parts += [f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else []
+    parts += [f"--profile-dir {args.profile_dir}"] if args.profile_dir else []
     parts += [f"--threads {args.threads}"] if args.threads else []
     parts += [f"--json {args.json}"] if args.json else []
     parts += [f"--out {args.out}"] if args.out else []
@@ -106,7 +109,13 @@ def run(args) -> int:
         raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    from lukv_compile.eval import methods
     from lukv_compile.profiling.run import init_distributed
+
+    if args.profile_dir is not None:
+        if not Path(args.profile_dir).is_dir():
+            raise ValueError(f"--profile-dir: {args.profile_dir} is not a folder")
+        methods.PROFILE_DIR = Path(args.profile_dir)
 
     rank, world = init_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))  # cores shared by the ranks
