@@ -300,3 +300,9 @@ def test_smollm2_engines_agree_and_the_full_cache_finds_the_key():
     assert [r.score for r in simulated if r.method == "full"] == [1.0, 1.0]
     assert [r.answer for r in simulated] == [r.answer for r in compiled]
     assert all(r.kv_ratio < 0.3 for r in compiled if r.method != "full")
+
+
+def test_summary_table_compares_lukv_with_the_ceiling_and_the_best_other_method():
+    table = report.summary_table(fake_results(), compressions=(0.8,))
+    row = "| agnostic | 1024 | 0.8 | 0.750 | 0.750 | lukv:snapkv 0.500 | 67% | uniform:snapkv 0.250 | +0.250 |"
+    assert row in table

@@ -135,6 +135,35 @@ def budget_table(results: list[Result]) -> str:
     return "\n".join(parts)
 
 
+def best(runs: dict[Cell, dict[str, list[Result]]], compression: float, budgets: tuple[str, ...]) -> tuple[str, float]:
+    """(method, mean) of the best non-oracle method at `compression` whose budget is one of `budgets`."""
+    scored = [(cell_mean(by_task), method) for (method, c), by_task in runs.items()
+              if c == compression and method != "full" and not is_oracle(method)
+              and split_name(method)[0] in budgets]
+    mean, method = max(scored, default=(float("nan"), "-"))
+    return method, mean
+
+
+def summary_table(results: list[Result], compressions: tuple[float, ...] = (0.8, 0.9)) -> str:
+    """One line per (engine, protocol, context): full cache, oracle ceiling, best LU-KV, best other method."""
+    lines = ["| protocol | context | compression | full | oracle ceiling | best LU-KV | % of ceiling "
+             "| best other method | LU-KV - other |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    for (engine, protocol, length), runs in group(results).items():
+        if engine != "simulated":
+            continue
+        full = runs.get(("full", 0.0))
+        ceiling = ceilings(runs)
+        for c in compressions:
+            if c not in ceiling:
+                continue
+            lukv, lukv_mean = best(runs, c, ("lukv",))
+            other, other_mean = best(runs, c, ("uniform", "pyramid", "adakv"))
+            lines.append(f"| {protocol} | {length} | {c:g} | {_fmt(cell_mean(full) if full else None, '.3f')} "
+                         f"| {ceiling[c]:.3f} | {lukv} {lukv_mean:.3f} | {100 * lukv_mean / ceiling[c]:.0f}% "
+                         f"| {other} {other_mean:.3f} | {lukv_mean - other_mean:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def cross_check(results: list[Result]) -> str:
     """Agreement of the two engines on the (protocol, context, task, sample, method, compression) both ran."""
     by_engine: dict[str, dict[tuple, Result]] = defaultdict(dict)
@@ -151,7 +180,8 @@ def cross_check(results: list[Result]) -> str:
 
 def results_block(results: list[Result], meta: dict[str, str]) -> str:
     lines = [BEGIN, ""] + [f"- **{key}**: {value}" for key, value in meta.items()]
-    lines += ["", cross_check(results), markdown_table(results), budget_table(results), END]
+    lines += ["", "### Summary\n", summary_table(results), cross_check(results), markdown_table(results),
+              budget_table(results), END]
     return "\n".join(lines)
 
 
