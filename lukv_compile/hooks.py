@@ -90,6 +90,11 @@ def mark_chunk_dynamic(module, args: tuple, kwargs: dict) -> None:
     A positional first argument is the input ids.
     """
     inputs = dict(kwargs, input_ids=args[0]) if args and isinstance(args[0], torch.Tensor) else kwargs
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        # A custom 4-D mask keeps the forward static: with a symbolic length, transformers' SDPA path
+        # slices the mask by the keys' size, a use of the cache's keys the pass must refuse.
+        return
     for name, dim in SEQUENCE_DIM.items():
         tensor = inputs.get(name)
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= -dim and tensor.shape[dim] > 1:
