@@ -306,3 +306,9 @@ def test_summary_table_compares_lukv_with_the_ceiling_and_the_best_other_method(
     table = report.summary_table(fake_results(), compressions=(0.8,))
     row = "| agnostic | 1024 | 0.8 | 0.750 | 0.750 | lukv:snapkv 0.500 | 67% | uniform:snapkv 0.250 | +0.250 |"
     assert row in table
+
+
+def test_summary_table_survives_a_zero_ceiling():
+    zero = [r for r in fake_results() if r.method != "uniform:oracle"]
+    zero += [Result("simulated", "agnostic", 1024, "passkey", 0, "uniform:oracle", 0.8, 0.0, "")]
+    assert "| 0.000 | lukv:snapkv 0.500 | - |" in report.summary_table(zero, compressions=(0.8,))

@@ -158,8 +158,9 @@ def summary_table(results: list[Result], compressions: tuple[float, ...] = (0.8,
                 continue
             lukv, lukv_mean = best(runs, c, ("lukv",))
             other, other_mean = best(runs, c, ("uniform", "pyramid", "adakv"))
+            share = f"{100 * lukv_mean / ceiling[c]:.0f}%" if ceiling[c] else "-"
             lines.append(f"| {protocol} | {length} | {c:g} | {_fmt(cell_mean(full) if full else None, '.3f')} "
-                         f"| {ceiling[c]:.3f} | {lukv} {lukv_mean:.3f} | {100 * lukv_mean / ceiling[c]:.0f}% "
+                         f"| {ceiling[c]:.3f} | {lukv} {lukv_mean:.3f} | {share} "
                          f"| {other} {other_mean:.3f} | {lukv_mean - other_mean:+.3f} |")
     return "\n".join(lines) + "\n"
 
