@@ -19,9 +19,10 @@ import torch
 
 from lukv_compile.eval.harness import encode
 from lukv_compile.eval.methods import parse_methods, resolve
-from lukv_compile.eval.simulate import Variant, answer_with_oracle, layer_scores, variant_masks
+from lukv_compile.eval.simulate import Variant, answer_with_oracle, variant_masks
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import eos_token_ids, load_model
+from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.scorers import layer_ropes
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             record = record_prefill(model, prompt.context_ids)
             _, importance = answer_with_oracle(model, record, prompt.question_ids, "agnostic", stop,
                                                sample.max_new_tokens)
-            scores = {s: layer_scores(s, record, ropes) for s in {m.scorer for m in methods} if s != "oracle"}
+            ranked = {m.scorer for m in methods} - {"oracle"}
+            scores = {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
             scores["oracle"] = importance
             masks = variant_masks(variants, scores, len(context))  # [R, L, H, P]
             for m, mask in zip(methods, masks, strict=True):

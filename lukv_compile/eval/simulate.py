@@ -27,6 +27,7 @@ from lukv_compile import scorers
 from lukv_compile.budgets import keep_counts
 from lukv_compile.eval.methods import Method
 from lukv_compile.eviction import keep_mask
+from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording
 
 PROTOCOLS = ("agnostic", "aware")
@@ -141,13 +142,6 @@ def simulating(model, cache: SimulatedCache) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def layer_scores(scorer: str, record: PrefillRecord, ropes: list[scorers.Rope | None]) -> torch.Tensor:
-    """[L, H_kv, P] scores of a runtime scorer over the recorded prompt (every layer, one call each)."""
-    valid = torch.ones(record.k[0].shape[:3], dtype=torch.bool)
-    return torch.stack([scorers.score(scorer, q, k, v, valid, s, rope=rope)[0]
-                        for q, k, v, s, rope in zip(record.q, record.k, record.v, record.scaling, ropes, strict=True)])
-
-
 def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
     """[R, L, H, P] keep masks: each variant's budgets and scorer, selected like the runtime selects."""
     masks = []
@@ -207,7 +201,8 @@ def simulate_sample(model, context_ids: list[int], question: list[int], variants
     if not variants:
         return SampleAnswers(full, [], [])
     ropes = scorers.layer_ropes(model.config)
-    scores = {s: layer_scores(s, record, ropes) for s in {v.method.scorer for v in variants} if s != "oracle"}
+    ranked = {v.method.scorer for v in variants} - {"oracle"}
+    scores = {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
     scores["oracle"] = importance
     keep = variant_masks(variants, scores, len(prompt))  # [R, L, H, P]
     kept = keep.flatten(1).float().mean(dim=1).tolist()
@@ -225,14 +220,11 @@ def batched_greedy(model, cache: SimulatedCache, question: list[int] | None, fir
     answers: list[list[int]] = [[] for _ in range(rows)]
     alive = list(range(rows))
     with simulating(model, cache):
-        if question is not None:
+        if question is None:  # aware: every row starts from the exact prompt's next token
+            tokens = first * rows
+        else:
             ids = torch.tensor([question], device=device).expand(rows, -1)
-        else:  # aware: the exact prompt's next token, the same for every row
-            if not first:
-                return answers
-            ids = torch.tensor([first], device=device).expand(rows, -1)
-        tokens = [int(t) for t in model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)] \
-            if question is not None else first * rows
+            tokens = [int(t) for t in model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)]
         while alive:
             still = []
             for row, token in zip(alive, tokens, strict=True):
