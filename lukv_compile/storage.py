@@ -99,7 +99,10 @@ class RaggedStore:
         b, h, c, _ = k.shape
         grown = self.length + counts[:, None]
         if (grown > self.cap).any():
-            self._move(self.start, self.length, np.where(grown > self.cap, grown + room_for(grown), self.cap))
+            # Every head short of half its room is laid out again too: the layer is copied anyway, and
+            # heads that would overflow a few steps later then share this copy instead of each making one.
+            room = room_for(grown)
+            self._move(self.start, self.length, np.where(grown + room // 2 > self.cap, grown + room, self.cap))
         if c == 1 and (counts == 1).all():  # a decode step: one slot per head, no masks
             self._append_one(k, v, first_position)
             return
@@ -116,7 +119,7 @@ class RaggedStore:
         self._device_metadata = None
 
     def _append_one(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
-        slots = torch.as_tensor((self.start + self.length).reshape(-1), device=self.device)
+        slots = torch.from_numpy((self.start + self.length).reshape(-1)).to(self.device)
         self.keys.index_copy_(0, slots, k.reshape(-1, self.head_dim).to(self.keys.dtype))
         self.values.index_copy_(0, slots, v.reshape(-1, self.head_dim).to(self.values.dtype))
         self.positions.index_fill_(0, slots, position)

@@ -3,6 +3,10 @@
 Attention works per (batch row, KV head) on that head's own segment of the flat [S, D] storage
 (storage.py): the GQA group's queries against only the tokens the head keeps, so the work is exactly
 proportional to what is kept (no dense mask over every slot, no per-step owner search).
+
+A decode step calls this 30 times per token on a model like SmolLM2, so the per-call host work is kept
+small: metadata is read once as Python ints, and a decode step's per-head outputs are concatenated
+rather than written into a zeroed buffer.
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     Real query i attends to its head's tokens up to and including itself; padding queries output zeros.
     Returns [B, Hq, C, D] in q's dtype, contiguous.
     """
+    if q.shape[2] == 1 and bool((counts == 1).all()) and bool((length > 0).all()):
+        return decode_attention(q, keys, values, start, length, scale)
     b, hq, c, d = q.shape
     h = start.shape[1]
     group = hq // h
     out = q.new_zeros(b, hq, c, d)
-    for row in range(b):
+    for row, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist(), strict=True)):
         real = int(counts[row])
         if real == 0:
             continue
-        for head in range(h):
-            s, n = int(start[row, head]), int(length[row, head])
+        for head, (s, n) in enumerate(zip(starts, lengths, strict=True)):
             k = keys[s:s + n].to(q.dtype)[None, None]
             v = values[s:s + n].to(q.dtype)[None, None]
             queries = q[row, head * group:(head + 1) * group, c - real:][None]
@@ -42,3 +47,15 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 queries, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[0]
     return out
 
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: np.ndarray,
+                     length: np.ndarray, scale: float) -> torch.Tensor:
+    """`segment_attention` for one real query per row and no empty head: a decode step."""
+    b, hq, _, d = q.shape
+    group = hq // start.shape[1]
+    heads = [F.scaled_dot_product_attention(q[row:row + 1, head * group:(head + 1) * group],
+                                            keys[s:s + n].to(q.dtype)[None, None],
+                                            values[s:s + n].to(q.dtype)[None, None], scale=scale, enable_gqa=True)
+             for row, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist(), strict=True))
+             for head, (s, n) in enumerate(zip(starts, lengths, strict=True))]
+    return torch.cat(heads, dim=1).view(b, hq, 1, d)
