@@ -3,9 +3,12 @@
 Each calibration pair is one RULER-style sample (passkey / NIAH single / NIAH multi-key) drawn with a seed
 the evaluation never uses, its context and its own question; the profiler runs once per pair (oracle of
 that question) and the prune fractions are averaged over pairs, as the shipped profile averages over its
-30 book questions. Writes <out>/smollm2-135m-instruct-{scorer}.safetensors for `lukv eval --profile-dir`.
+30 book questions. With --mix-with-shipped the result is the equal-weight average of those retrieval fractions
+and the shipped book-QA profile's (both sum to the same budget at every ratio, so their mean does too).
+Writes <out>/smollm2-135m-instruct-{scorer}.safetensors for `lukv eval --profile-dir`.
 
     python benchmarks/calibrate_retrieval.py --out /tmp/retrieval --samples 3 --context 2048 --threads 1
+    python benchmarks/calibrate_retrieval.py --out /tmp/mixed --mix-with-shipped --threads 1
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lukv_compile.eval.methods import profile_stem
+from lukv_compile.eval.methods import profile_stem, shipped_profile
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import load_model
 from lukv_compile.profiling.run import mean_fractions, profile_scorers
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorers", default="snapkv,keydiff,expected_attention,window_expected_attention")
     p.add_argument("--k-max", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mix-with-shipped", action="store_true",
+                   help="average the retrieval fractions with the shipped book-QA profile's, equal weight")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2")
@@ -54,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calibration pair {i + 1}/{len(pairs)} ({sample.task}) done", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    description = json.dumps({"text": f"RULER-style {args.tasks}, {args.samples} samples each, seed {SEED}",
+    text = f"RULER-style {args.tasks}, {args.samples} samples each, seed {SEED}"
+    if args.mix_with_shipped:
+        text += ", averaged with the shipped book-QA profile"
+    description = json.dumps({"text": text,
                               "context_tokens": args.context, "questions": len(pairs), "k_max": args.k_max})
     for s in scorers:
-        profile = replace(first[s], prune=mean_fractions(sums[s], len(pairs)), calibration=description)
+        prune = mean_fractions(sums[s], len(pairs))
+        if args.mix_with_shipped:
+            prune = mean_fractions(prune + shipped_profile(model, s).prune, 2)
+        profile = replace(first[s], prune=prune, calibration=description)
         path = out / f"{profile_stem(model)}-{s}.safetensors"
         profile.save(path)
         print(f"wrote {path}")
