@@ -87,6 +87,7 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self.settings, self.profile, self.checked_masks = cache.settings, cache.profile, cache.checked_masks
         self.handle, self.layer_idx = cache.handle, layer_idx
+        self.chunk_masks = False  # set while a prepared call runs (LUKVCache.masks_over_chunk)
         self.rope = cache.ropes[layer_idx]  # what scorers that need RoPE (expected_attention) read
         self.store: RaggedStore | None = None
         self.seen = 0  # positions consumed, padding included: the next token's position
@@ -106,9 +107,10 @@ class RaggedLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The attention mask covers the new tokens only (kv positions [seen, seen + query_length)): what the
-        # kept tokens may see is the cache's business, and the mask keeps telling us the chunk's padding.
-        return query_length, self.seen
+        # The attention mask covers the new tokens only: what the kept tokens may see is the cache's business,
+        # and the mask keeps telling us the chunk's padding. Over the chunk's own columns when hooks.py cut
+        # the inputs to them (never reading `seen`, which Dynamo would guard on), else kv [seen, seen + C).
+        return query_length, 0 if self.chunk_masks else self.seen
 
     def get_max_length(self) -> int:
         return -1
@@ -272,12 +274,33 @@ class LUKVCache(Cache):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
+        # Sliding layers need masks at true offsets (their window); without them masks can cover the chunk.
+        self.can_mask_chunks = "sliding" not in self.kinds
+        self.chunk_masks = False
         self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
         self.ropes = layer_ropes(config)  # once per cache: each layer's RoPE frequencies, for the scorers
         self.handle = handles.new_handle(self)
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
                   for i, kind in enumerate(self.kinds)]
         super().__init__(layers=layers)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0 if self.chunk_masks else super().get_query_offset(layer_idx)
+
+    @contextlib.contextmanager
+    def masks_over_chunk(self):
+        """Within this block transformers builds masks over the new chunk's columns alone (query and kv
+        offset 0), for inputs hooks.prepare_chunk cut to them. Only for caches that `can_mask_chunks`."""
+        self.set_chunk_masks(True)
+        try:
+            yield
+        finally:
+            self.set_chunk_masks(False)
+
+    def set_chunk_masks(self, on: bool) -> None:
+        self.chunk_masks = on
+        for layer in self.layers:
+            layer.chunk_masks = on
 
     def nbytes(self) -> int:
         """Bytes held by the cache: keys, values and metadata of every layer."""

@@ -10,15 +10,17 @@ Two small hooks, installed on import:
    the options, or the user's own. Everything that can be checked before tracing is checked here:
    attention implementation, cache type, assisted decoding, use_cache=False, conflicting settings.
 
-Both compiled calls (generate's and a `torch.compile(model)` called by hand) mark the sequence dimension
-of a multi-token chunk dynamic, so Dynamo compiles two graphs for the life of the process: one for
-prompts of any length and one for single-token decode steps (docs/architecture.md says what adds more).
+Every compiled call runs `prepare_chunk` first: the inputs are cut to the new chunk (mask, positions)
+and its length is marked dynamic, so Dynamo compiles two graphs for the life of the process: one for
+chunks of any length after any history and one for single-token decode steps (docs/architecture.md
+says what adds more).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,7 +30,7 @@ from transformers.generation.utils import GenerationMixin
 
 from lukv_compile import handles
 from lukv_compile.cache import LUKVCache
-from lukv_compile.prefill import chunked_prefill
+from lukv_compile.prefill import chunked_prefill, packed
 from lukv_compile.settings import LUKVSettings
 
 POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name != "inner")
@@ -62,34 +64,95 @@ def on_optimize(original):
         options = lukv_options(self)
         settings = LUKVSettings.from_options(options) if options is not None else None  # raises before any work
         result = original(self, fn, *args, **kwargs)
-        if settings is not None:
-            mark(fn, result, self, settings, options)
-        return result
+        return result if settings is None else with_lukv(fn, result, self, settings, options)
 
     __call__.lukv_wrapped = True
     return __call__
 
 
-def mark(fn, result, context, settings: LUKVSettings, options: dict) -> None:
-    if isinstance(fn, torch.nn.Module):  # torch.compile(model, ...)
+def with_lukv(fn, result, context, settings: LUKVSettings, options: dict):
+    """Record how generate() must run the model, and put `prepare_chunk` in front of every compiled call.
+
+    torch.compile(model) comes through here twice: for the model (recorded), then, while the returned
+    OptimizedModule is built, for the model's `__call__` (its forward, prepared like model.compile's).
+    """
+    if isinstance(fn, torch.nn.Module):
         fn.__dict__["_lukv_wrapped"] = CompiledWithLUKV(settings, options, context=context)
-        result.register_forward_pre_hook(mark_chunk_dynamic, with_kwargs=True)  # runs before Dynamo's frame
-    elif getattr(fn, "__func__", None) is torch.nn.Module._call_impl:  # model.compile(...)
-        fn.__self__.__dict__["_lukv_compiled"] = CompiledWithLUKV(settings, options, call=result)
+        return result
+    owner = getattr(fn, "__self__", None)
+    call = preparing_chunks(result, owner if isinstance(owner, torch.nn.Module) else None)
+    if getattr(fn, "__func__", None) is torch.nn.Module._call_impl:  # model.compile(...): the call it installs
+        owner.__dict__["_lukv_compiled"] = CompiledWithLUKV(settings, options, call=call)
+    return call
 
 
 SEQUENCE_DIM = {"input_ids": -1, "attention_mask": -1, "position_ids": -1, "cache_position": -1,
                 "inputs_embeds": -2}
+POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def mark_chunk_dynamic(module, args: tuple, kwargs: dict) -> None:
-    """Mark the sequence dimension of a multi-token chunk's inputs dynamic (a forward pre-hook's signature).
+def preparing_chunks(call, module: torch.nn.Module | None):
+    """`call` (a compiled forward of `module`, or of a function when None) with `prepare_chunk` in front."""
+    @functools.wraps(call)
+    def prepared(*args, **kwargs):
+        args, kwargs, cache = prepare_chunk(module, args, kwargs)
+        if cache is None:
+            return call(*args, **kwargs)
+        with cache.masks_over_chunk():
+            return call(*args, **kwargs)
 
-    Without it Dynamo compiles the first prompt at its exact length, and again (dynamic) after a second
-    length: three graphs. Single tokens stay static (Dynamo specialises size 1 anyway): the decode graph.
-    A positional first argument is the input ids.
+    return prepared
+
+
+def prepare_chunk(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> tuple[tuple, dict, LUKVCache | None]:
+    """The inputs of a compiled call, made alike for every chunk before Dynamo sees them.
+
+    For a module's forward given a LUKVCache without sliding layers, a 2-D attention mask is cut to the
+    chunk's columns and missing position ids are filled in as the model would compute them; that cache is
+    returned, to build its masks over the chunk alone while the call runs. Then the graph never reads how
+    many tokens came before: no guard on the history's length, and later turns reuse the prompt's graph.
+    (A function's arguments are not known by name, so its masks keep true offsets: right, with more graphs.)
+    Last, the sequence dimension of a multi-token chunk is marked dynamic: one graph for chunks of any
+    length (else Dynamo compiles the first prompt at its exact length, and again after a second length);
+    single tokens stay static (Dynamo specialises size 1 anyway): the decode graph.
     """
-    inputs = dict(kwargs, input_ids=args[0]) if args and isinstance(args[0], torch.Tensor) else kwargs
+    parameters = inspect.signature(module.forward).parameters if module is not None else {}
+    names = [name for name, p in parameters.items() if p.kind in POSITIONAL]
+    inputs = dict(zip(names, args, strict=False)) | kwargs
+    if args and isinstance(args[0], torch.Tensor):
+        inputs.setdefault("input_ids", args[0])  # a positional first tensor is the token ids
+    cache = inputs.get("past_key_values", inputs.get("cache"))
+    relative = None
+    if module is not None and isinstance(cache, LUKVCache) and cache.can_mask_chunks:
+        changed = chunk_relative_inputs(inputs, cache, "position_ids" in parameters)
+        if changed is not None:
+            relative, inputs = cache, inputs | changed
+            positional = names[:len(args)]
+            args = tuple(inputs[name] for name in positional) + args[len(positional):]
+            kwargs = kwargs | {name: value for name, value in changed.items() if name not in positional}
+    mark_chunk_dynamic(inputs)
+    return args, kwargs, relative
+
+
+def chunk_relative_inputs(inputs: dict, cache: LUKVCache, takes_positions: bool) -> dict | None:
+    """The attention mask and position ids of this chunk alone (the ones that differ from `inputs`), or
+    None when there are no input ids or embeddings to tell the chunk's length."""
+    ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+    new = ids if isinstance(ids, torch.Tensor) else embeds[..., 0] if isinstance(embeds, torch.Tensor) else None
+    if new is None:
+        return None
+    chunk, changed = new.shape[-1], {}
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] > chunk:
+        changed["attention_mask"] = packed(mask[:, -chunk:])  # strides alike too: no guard
+    if takes_positions and inputs.get("position_ids") is None:
+        seen = cache.get_seq_length()
+        changed["position_ids"] = torch.arange(seen, seen + chunk, device=new.device)[None]
+    return changed
+
+
+def mark_chunk_dynamic(inputs: dict) -> None:
+    """Mark the sequence dimension of a multi-token chunk's inputs dynamic."""
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() != 2:
         # A custom 4-D mask keeps the forward static: with a symbolic length, transformers' SDPA path
@@ -99,15 +162,6 @@ def mark_chunk_dynamic(module, args: tuple, kwargs: dict) -> None:
         tensor = inputs.get(name)
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= -dim and tensor.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(tensor, tensor.dim() + dim)
-
-
-def marking_chunks_dynamic(call):
-    @functools.wraps(call)
-    def forward(*args, **kwargs):
-        mark_chunk_dynamic(None, args, kwargs)
-        return call(*args, **kwargs)
-
-    return forward
 
 
 def compiled_with_lukv(model) -> CompiledWithLUKV | None:
@@ -160,8 +214,8 @@ def compiled_forward(model, plan: CompiledWithLUKV):
     would run the original module, and model.compile()'s has no place to mark its inputs."""
     if plan.route is None:
         # Dynamo's own call, not our hook: this is not a model.compile() by the user
-        compiled = plan.call or _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl)
-        plan.route = marking_chunks_dynamic(compiled)
+        plan.route = plan.call or preparing_chunks(
+            _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl), model)
     restore = model._compiled_call_impl
     model._compiled_call_impl = plan.route
     try:
@@ -170,12 +224,28 @@ def compiled_forward(model, plan: CompiledWithLUKV):
         model._compiled_call_impl = restore
 
 
+GENERATE_STEP_INPUTS = {"use_cache": True, "return_dict": True, "logits_to_keep": 1}  # what generate() passes
+
+
 def prefill_before_generate(model, cache: LUKVCache, args: tuple, kwargs: dict) -> None:
-    """Chunked prefill of all but the prompt's last token; generate() then starts from the filled cache."""
+    """Chunked prefill of all but the prompt's last token; generate() then starts from the filled cache.
+
+    Each chunk gets the inputs generate()'s own prompt forward would (its positions, no all-ones mask, the
+    same keywords), so the chunks give the same logits and run on the same graph.
+    """
     input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     if input_ids is None:
         raise ValueError("prefill_chunk needs input_ids (generate from inputs_embeds prefills in one forward)")
-    chunked_prefill(model, cache, input_ids, kwargs.get("attention_mask"), cache.settings.prefill_chunk, leave=1)
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    extra = {name: value for name, value in GENERATE_STEP_INPUTS.items() if takes_any or name in parameters}
+    mask = kwargs.get("attention_mask")
+    if mask is not None and "position_ids" in parameters:
+        # generate()'s positions for a padded batch (real tokens before each), not 0..T-1
+        extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if mask is not None and bool(mask.all()):
+        mask = None  # generate() drops an all-ones mask too
+    chunked_prefill(model, cache, input_ids, mask, cache.settings.prefill_chunk, leave=1, **extra)
 
 
 def lukv_generate(original):

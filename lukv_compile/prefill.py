@@ -13,13 +13,22 @@ import torch
 from lukv_compile.cache import LUKVCache
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """A copy with row-major strides. `.contiguous()` keeps a [1, n] slice's stride (it counts as
+    contiguous), and Dynamo guards on it."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
 def chunked_prefill(forward, cache: LUKVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    chunk: int = 1024, leave: int = 0, **kwargs) -> torch.Tensor | None:
+                    chunk: int = 1024, leave: int = 0, position_ids: torch.Tensor | None = None,
+                    **kwargs) -> torch.Tensor | None:
     """Feed input_ids [B, T] (after what the cache already holds) through `forward` C tokens at a time.
 
     `forward` is the compiled model (or module). The last `leave` tokens are not fed (generate() leaves
-    one for its own first step). Returns the logits of the last chunk fed, or None if none was.
+    one for its own first step). `position_ids` [B | 1, T], when given, are sliced per chunk (else the
+    model numbers the tokens from what the cache holds). Returns the logits of the last chunk fed, or
+    None if none was.
     """
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
@@ -28,6 +37,11 @@ def chunked_prefill(forward, cache: LUKVCache, input_ids: torch.Tensor, attentio
     with cache.evicting_every_chunk():
         for first in range(start, end, chunk):
             last = min(first + chunk, end)
-            mask = None if attention_mask is None else attention_mask[:, :last]
-            logits = forward(input_ids=input_ids[:, first:last], attention_mask=mask, cache=cache, **kwargs).logits
+            # Only the inputs there are, contiguous: Dynamo guards on the keywords and the strides, so a key
+            # more or a strided slice would be one graph more.
+            if attention_mask is not None:
+                kwargs["attention_mask"] = packed(attention_mask[:, :last])
+            if position_ids is not None:
+                kwargs["position_ids"] = packed(position_ids[:, first:last])
+            logits = forward(input_ids=packed(input_ids[:, first:last]), cache=cache, **kwargs).logits
     return logits

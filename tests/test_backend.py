@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from tiny_models import FAMILIES, PlainAttentionModel, left_padded_batch, tiny_gemma3, tiny_model
 from torch._dynamo.utils import counters
+from transformers import DynamicCache
 
 from lukv_compile import LUKVCache
 from lukv_compile.cache import RaggedLayer
@@ -184,7 +185,9 @@ def test_two_graphs_for_the_life_of_a_process(monkeypatch):
     model = tiny_model("llama", layers=2)
     requests = [(*left_padded_batch([length], seed=length), new_tokens)
                 for length, new_tokens in ((40, 3), (73, 6), (21, 1), (96, 4))]
-    eager = [generate_logits(model, *request) for request in requests]  # before compiling: generate then compresses
+    # before compiling: generate then compresses
+    eager = [generate_logits(model, *request) for request in requests]
+    eager_turns = conversation(model, DynamicCache(config=model.config))
     compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager"})
     for compression in (0.0, 0.5, 0.8):
         for scorer in ("snapkv", "keydiff"):
@@ -193,7 +196,25 @@ def test_two_graphs_for_the_life_of_a_process(monkeypatch):
                 got = generate_logits(compiled, *request, cache=cache)
                 if compression == 0.0:
                     assert_same_generation(got, want)
-    assert len(compiled_graphs) <= 2  # a chunk of any length (the prompts), and a decode step
+            for prefill_chunk in (None, 16):  # later turns, whole or in chunks, on the prompt's graph
+                cache = LUKVCache(model.config, compression=compression, scorer=scorer, prefill_chunk=prefill_chunk)
+                got_turns = conversation(compiled, cache)
+                if compression == 0.0:
+                    for got, want in zip(got_turns, eager_turns, strict=True):
+                        assert_same_generation(got, want)
+    assert len(compiled_graphs) <= 2  # a chunk of any length (prompts, later turns), and a decode step
+
+
+def conversation(model, cache, lengths=(30,), turns=((11, 4), (7, 3), (19, 5))):
+    """Three turns on one cache, transformers' idiom: each generate gets the whole history and its mask."""
+    ids, mask = left_padded_batch(list(lengths))
+    generations = []
+    for seed, (new_tokens, steps) in enumerate(turns):
+        generations.append(generate_logits(model, ids, mask, steps, cache=cache))
+        said = torch.randint(1, 128, (len(lengths), new_tokens), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([generations[-1][0], said], dim=1)
+        mask = torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], dim=1)
+    return generations
 
 
 def test_gemma3_sliding_layers_stay_exact(caplog):

@@ -181,6 +181,24 @@ def test_errors_do_not_poison_later_calls():
     assert isinstance(out.cache, LUKVCache) and out.cache.get_seq_length() == 32
 
 
+def test_a_compiled_function_keeps_true_mask_offsets():
+    # A function's arguments are not known by name, so its inputs are not cut to the chunk: the masks must
+    # then sit at the history's true offsets (a chunk-relative mask over the whole history would be misread).
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_padded_batch([30, 20])
+    more = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    history = torch.cat([mask, torch.ones_like(more)], dim=1)
+    step = torch.compile(lambda i, m, c: model(input_ids=i, attention_mask=m, cache=c).logits, backend="lukv",
+                         options={"inner": "aot_eager", "compression": 0.0})
+    cache, want = LUKVCache(model.config, compression=0.0), DynamicCache(config=model.config)
+    with torch.no_grad():
+        for chunk, chunk_mask in ((ids, mask), (more, history)):
+            torch.testing.assert_close(step(chunk, chunk_mask, cache),
+                                       model(input_ids=chunk, attention_mask=chunk_mask, cache=want).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == 35
+
+
 def test_eager_attention_and_uncompiled_models_get_clear_errors():
     model = tiny_model("llama")
     model.set_attn_implementation("eager")
@@ -278,9 +296,12 @@ def test_reset_reuses_the_cache():
 def test_chunked_prefill_in_generate_equals_eager_at_full_budget():
     model = tiny_model("llama", layers=2)
     ids, mask = left_padded_batch([200, 150])
-    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    compiled = lukv(model, compression=0.0, prefill_chunk=64)
-    assert torch.equal(compiled.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    got = lukv(model, compression=0.0, prefill_chunk=64).generate(input_ids=ids, attention_mask=mask, **kwargs)
+    # logits, not only tokens: the padded row's chunks must get generate()'s positions (real tokens before each)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.sequences, want.sequences)
 
 
 def test_chunked_prefill_holds_at_most_budget_plus_chunk(monkeypatch):
