@@ -49,13 +49,12 @@ def test_full_cache_loop_equals_eager_generate(model):
     sample = make_samples("passkey", tokenizer, 300, 1, seed=1)[0]
     prompt = harness.encode(tokenizer, sample, "plain")
     prompt = Prompt(prompt.context_ids, prompt.question_ids, 20)
-    got = run_sample(lukv_compiled(model), model, methods.make_cache("full", model, 0.8), prompt, {2})
-
     ids = torch.cat([prompt.context_ids, torch.tensor([prompt.question_ids])], dim=1)
-    with torch.no_grad():
+    with torch.no_grad():  # before compiling: after it the model's own generate() compresses too
         eager = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
                                do_sample=False, eos_token_id=2, pad_token_id=0)
     want = eager[0, ids.shape[1]:].tolist()
+    got = run_sample(lukv_compiled(model), model, methods.make_cache("full", model, 0.8), prompt, {2})
     assert got.tokens == (want[:-1] if want[-1] == 2 else want)
     assert len(got.step_seconds) == len(got.tokens) - (len(got.tokens) == 20)  # the question is one forward
     # full cache: K/V plus 4 bytes of position per slot and the room to grow (at most 1/16 of a head, or 16 slots)
