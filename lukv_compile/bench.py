@@ -79,9 +79,11 @@ def run_demo(args) -> None:
     inputs = tokenizer(prompt, return_tensors="pt")
     profile = shipped_profile(model)
     say(start_warm(model, args.inner))
-    compiled = torch.compile(model, backend="lukv",
-                             options={"profile": profile, "compression": args.compression, "inner": args.inner})
-    say(f"generating from a {inputs.input_ids.shape[1]}-token prompt (the first call compiles; "
+    regional = not args.whole_model
+    compiled = torch.compile(model, backend="lukv", options={
+        "profile": profile, "compression": args.compression, "inner": args.inner, "regional": regional})
+    scope = "one decoder layer, shared by all" if regional else "the whole model"
+    say(f"generating from a {inputs.input_ids.shape[1]}-token prompt (the first call compiles {scope}; "
         f"inner compiler {args.inner}) ...")
     loaded = time.perf_counter()
     out = compiled.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
@@ -126,6 +128,7 @@ class BenchOptions:
     steps: int = 20
     prefill_repeats: int = 1
     e2e_tokens: int = 64
+    regional: bool = False  # lukv compiles one decoder layer (options regional=True)
 
     def __post_init__(self) -> None:
         if self.steps <= WARMUP_STEPS:
@@ -135,7 +138,7 @@ class BenchOptions:
 
     @classmethod
     def from_args(cls, args) -> BenchOptions:
-        return cls(args.compression, args.inner, args.steps, args.prefill_repeats, args.e2e_tokens)
+        return cls(args.compression, args.inner, args.steps, args.prefill_repeats, args.e2e_tokens, args.regional)
 
 
 @dataclass
@@ -150,7 +153,7 @@ def contenders(models: dict[str, Any], profile: Profile, opts: BenchOptions) -> 
     """lukv, its compression-0 twin (same compiled model), plain and static, from three model instances."""
     from transformers import DynamicCache, StaticCache
 
-    lukv = torch.compile(models["lukv"], backend="lukv", options={"inner": opts.inner})
+    lukv = torch.compile(models["lukv"], backend="lukv", options={"inner": opts.inner, "regional": opts.regional})
     config = models["lukv"].config
 
     def lukv_cache(compression: float) -> Callable[[int], LUKVCache]:
@@ -366,6 +369,9 @@ def add_demo(sub) -> None:
     p.add_argument("--inner", default="eager", choices=("inductor", "aot_eager", "eager"),
                    help="compiler after the lukv pass (default eager: the rewritten graph runs as traced, no "
                         "AOT tracing, the quickest first call; inductor compiles for minutes on a 2-core CPU)")
+    p.add_argument("--whole-model", action="store_true",
+                   help="trace the whole model (Dynamo, ~14 s on SmolLM2) instead of one decoder layer shared by "
+                        "all (options regional=True, ~1 s; the glue around the layers runs eagerly)")
     p.set_defaults(func=run_demo)
 
 
@@ -384,5 +390,7 @@ def add_bench(sub) -> None:
     p.add_argument("--e2e-tokens", type=int, default=64, help="new tokens of the end-to-end generate")
     p.add_argument("--threads", default="1,default",
                    help="torch thread counts to run, comma-separated; 'default' is torch's own count")
+    p.add_argument("--regional", action="store_true",
+                   help="compile lukv one decoder layer at a time (options regional=True); static stays whole-model")
     p.add_argument("--json", help="also write the results to this file (rewritten after every row)")
     p.set_defaults(func=run_bench)

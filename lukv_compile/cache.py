@@ -284,6 +284,13 @@ class LUKVCache(Cache):
                   for i, kind in enumerate(self.kinds)]
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.can_mask_chunks:
+            # Every layer is ragged: the marker straight away, without indexing `layers` (indexing a list
+            # pins layer_idx in a graph; regional compilation shares one graph across layers, regional.py).
+            return torch.ops.lukv.cache_marker(key_states, value_states, self.handle, layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0 if self.chunk_masks else super().get_query_offset(layer_idx)
 

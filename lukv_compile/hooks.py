@@ -31,9 +31,11 @@ from transformers.generation.utils import GenerationMixin
 from lukv_compile import handles
 from lukv_compile.cache import LUKVCache
 from lukv_compile.prefill import chunked_prefill, packed
+from lukv_compile.regional import decoder_layers, regional_call
 from lukv_compile.settings import LUKVSettings
 
-POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name != "inner")
+COMPILE_FIELDS = ("inner", "regional")  # how to compile; the rest is the cache's policy
+POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name not in COMPILE_FIELDS)
 
 
 @dataclass
@@ -77,13 +79,24 @@ def with_lukv(fn, result, context, settings: LUKVSettings, options: dict):
     OptimizedModule is built, for the model's `__call__` (its forward, prepared like model.compile's).
     """
     if isinstance(fn, torch.nn.Module):
+        if settings.regional:
+            decoder_layers(fn)  # raises now for a model that cannot be compiled layer by layer
         fn.__dict__["_lukv_wrapped"] = CompiledWithLUKV(settings, options, context=context)
         return result
     owner = getattr(fn, "__self__", None)
-    call = preparing_chunks(result, owner if isinstance(owner, torch.nn.Module) else None)
+    owner = owner if isinstance(owner, torch.nn.Module) else None
+    call = compiled_call(context, result, owner if owner is not None else fn, settings.regional)
     if getattr(fn, "__func__", None) is torch.nn.Module._call_impl:  # model.compile(...): the call it installs
         owner.__dict__["_lukv_compiled"] = CompiledWithLUKV(settings, options, call=call)
     return call
+
+
+def compiled_call(context, compiled, owner, regional: bool):
+    """What a compiled call runs: Dynamo's `compiled` forward of `owner` (a module or a function) with
+    `prepare_chunk` in front, or with `regional`, the eager forward over compiled decoder layers."""
+    if regional:
+        return regional_call(context, owner, preparing_chunks)
+    return preparing_chunks(compiled, owner if isinstance(owner, torch.nn.Module) else None)
 
 
 SEQUENCE_DIM = {"input_ids": -1, "attention_mask": -1, "position_ids": -1, "cache_position": -1,
@@ -234,8 +247,9 @@ def compiled_forward(model, plan: CompiledWithLUKV):
     would run the original module, and model.compile()'s has no place to mark its inputs."""
     if plan.route is None:
         # Dynamo's own call, not our hook: this is not a model.compile() by the user
-        plan.route = plan.call or preparing_chunks(
-            _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl), model)
+        plan.route = plan.call or compiled_call(
+            plan.context, _TorchDynamoContext.__call__.__wrapped__(plan.context, model._call_impl), model,
+            plan.settings.regional)
     restore = model._compiled_call_impl
     model._compiled_call_impl = plan.route
     try:

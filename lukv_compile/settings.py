@@ -3,7 +3,7 @@
 Both routes in end here: the backend's `options={...}` (`torch.compile(model, backend="lukv", options=...)`,
 `model.compile(...)`) and `LUKVCache(config, compression=..., ...)`. The cache carries the settings; the
 compiled ops read them from the cache at run time, so nothing of the policy is baked into a graph and
-changing it never recompiles. The backend itself only reads `inner`.
+changing it never recompiles. The backend itself only reads `inner`; the compile hooks read `regional`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class LUKVSettings:
     prefill_chunk: int | None = None
     allow_other_model: bool = False
     inner: str = "inductor"
+    regional: bool = False  # compile one decoder layer instead of the whole model (regional.py)
 
     def __post_init__(self) -> None:
         c = self.compression
@@ -65,6 +66,7 @@ class LUKVSettings:
                  "it must be None (the prompt in one forward) or an int >= 1")
         _require(isinstance(self.allow_other_model, bool), "allow_other_model", self.allow_other_model,
                  "it must be True or False")
+        _require(isinstance(self.regional, bool), "regional", self.regional, "it must be True or False")
         _require(self.inner in INNER_COMPILERS, "inner", self.inner, f"choose one of {', '.join(INNER_COMPILERS)}")
         profile = self.profile
         if isinstance(profile, (str, Path)):

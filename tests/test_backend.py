@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from tiny_models import FAMILIES, PlainAttentionModel, left_padded_batch, tiny_gemma3, tiny_model
+from tiny_models import (
+    FAMILIES,
+    PlainAttentionModel,
+    assert_same_generation,
+    conversation,
+    generate_logits,
+    left_padded_batch,
+    tiny_gemma3,
+    tiny_model,
+)
 from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
@@ -22,17 +31,6 @@ from lukv_compile.passes.find_attention import UnsupportedAttention
 # One shared compiled model per test, many inputs: shrinking would only recompile.
 PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
-
-
-def generate_logits(model, ids, mask, steps, **kwargs):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences, torch.stack(out.logits, dim=1), out
-
-
-def assert_same_generation(got, want):
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
-    assert torch.equal(got[0], want[0])
 
 
 # Every family on the default inner compiler (inductor), 4 layers, one attention shape each.
@@ -212,18 +210,6 @@ def test_two_graphs_for_the_life_of_a_process(monkeypatch):
                     for got, want in zip(got_turns, eager_turns, strict=True):
                         assert_same_generation(got, want)
     assert len(compiled_graphs) <= 2  # a chunk of any length (prompts, later turns), and a decode step
-
-
-def conversation(model, cache, lengths=(30,), turns=((11, 4), (7, 3), (19, 5))):
-    """Three turns on one cache, transformers' idiom: each generate gets the whole history and its mask."""
-    ids, mask = left_padded_batch(list(lengths))
-    generations = []
-    for seed, (new_tokens, steps) in enumerate(turns):
-        generations.append(generate_logits(model, ids, mask, steps, cache=cache))
-        said = torch.randint(1, 128, (len(lengths), new_tokens), generator=torch.Generator().manual_seed(seed))
-        ids = torch.cat([generations[-1][0], said], dim=1)
-        mask = torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], dim=1)
-    return generations
 
 
 def test_gemma3_sliding_layers_stay_exact(caplog):

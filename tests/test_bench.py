@@ -39,9 +39,11 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys):
+@pytest.mark.parametrize("regional", [False, True])
+def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys, regional):
     models = {name: tiny_model("llama", layers=2) for name in bench.DECODERS}
-    opts = bench.BenchOptions(compression=0.8, inner="aot_eager", steps=3, prefill_repeats=2, e2e_tokens=4)
+    opts = bench.BenchOptions(compression=0.8, inner="aot_eager", steps=3, prefill_repeats=2, e2e_tokens=4,
+                              regional=regional)
     rows = bench.bench_threads(models, Profile.uniform(2, 2), random_ids, [64, 128], opts, "1", 1)
     out = tmp_path / "bench.json"
     result = bench.report(rows, {"model": "tiny"}, str(out))
@@ -50,7 +52,8 @@ def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys):
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == result["rows"] and [r["context"] for r in printed] == [64, 128]
     for row in printed:
-        assert (row["threads"], row["inner"], row["decode_steps_timed"]) == ("1", "aot_eager", 1)
+        assert (row["threads"], row["inner"], row["decode_steps_timed"], row["regional"]) == (
+            "1", "aot_eager", 1, regional)
         for field in POSITIVE:
             assert row[field] > 0, field
         for field in DIFFERENCES:

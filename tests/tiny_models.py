@@ -96,3 +96,26 @@ class PlainAttentionModel(torch.nn.Module):
             k, v = cache.update(k, v, i)
             x = x + self.attention(q, k, v, t).transpose(1, 2).reshape(b, t, -1)
         return self.out(x)
+
+
+def generate_logits(model, ids, mask, steps, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1), out
+
+
+def assert_same_generation(got, want):
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[0], want[0])
+
+
+def conversation(model, cache, lengths=(30,), turns=((11, 4), (7, 3), (19, 5))):
+    """Three turns on one cache, transformers' idiom: each generate gets the whole history and its mask."""
+    ids, mask = left_padded_batch(list(lengths))
+    generations = []
+    for seed, (new_tokens, steps) in enumerate(turns):
+        generations.append(generate_logits(model, ids, mask, steps, cache=cache))
+        said = torch.randint(1, 128, (len(lengths), new_tokens), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([generations[-1][0], said], dim=1)
+        mask = torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], dim=1)
+    return generations

@@ -1,0 +1,114 @@
+"""Regional compilation (`options={"regional": True}`): compile one decoder layer, not the whole model.
+
+A decoder-only model repeats one layer class N times (SmolLM2: 30). Dynamo traces the whole model's
+forward in seconds per layer, twice (a chunk graph and a decode graph); traced per layer, the same code
+is traced once and reused by every layer (Dynamo keys compiled code by the layer's code object and the
+layer's weights are graph inputs). The glue around the layers (embedding, masks, RoPE tables, final
+norm, LM head) runs eagerly. The first call on SmolLM2 goes from ~14 s of tracing to ~1 s.
+
+What each layer needs to share one graph:
+  - its `layer_idx` must not be a constant of the graph: Dynamo treats the attention module's int as a
+    symbolic input (`allow_unspec_int_on_nn_module`, set only around these calls), and `LUKVCache.update`
+    passes it straight to the op without indexing a Python list (which would pin it);
+  - the chunk's length is marked dynamic on every layer input that has it (hidden states, the mask, the
+    RoPE tables, positions), as hooks.prepare_chunk does for the model's inputs.
+Dynamo still specialises the first layer's index (0) once, and the eager glue hands the layers no mask
+when a chunk has no padding, so a process compiles four layer graphs per batch size: layer 0's first
+chunk, chunks with a padding mask, chunks without, and decode steps.
+
+Models with sliding-window layers are refused: their cache layers differ by index (transformers' sliding
+layer or a ragged one), so the index would be pinned in every graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch._dynamo.eval_frame import _TorchDynamoContext
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from lukv_compile.cache import sliding_layers
+
+
+class RegionalCompileError(ValueError):
+    """The model cannot be compiled layer by layer (raised at the compile call, before any work)."""
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers; raises when there are none or when any layer slides."""
+    if not isinstance(model, torch.nn.Module):
+        raise RegionalCompileError("lukv option regional=True compiles a model's decoder layers; it needs an "
+                                   f"nn.Module, not {type(model).__name__} (compile without regional)")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise RegionalCompileError(f"lukv option regional=True: {type(model).__name__} has no transformers decoder "
+                                   "layers (GradientCheckpointingLayer) to compile; compile without regional")
+    config = getattr(model, "config", None)
+    sliding = sliding_layers(config) if config is not None else []
+    if sliding:
+        raise RegionalCompileError(f"lukv option regional=True: layers {sliding} of this model use sliding-window "
+                                   "attention, whose cache layers differ by index; compile without regional")
+    return layers
+
+
+def regional_call(context: _TorchDynamoContext, model: torch.nn.Module, prepare):
+    """The model's forward run eagerly with each decoder layer on the compiled layer graph.
+
+    `context` is the Dynamo context of the user's compile call (its backend and options); `prepare` is
+    hooks.preparing_chunks, applied to the eager forward so masks and positions are built as in the
+    whole-model form.
+    """
+    layers = decoder_layers(model)
+    compiled = [marking_chunk_dynamic(_TorchDynamoContext.__call__.__wrapped__(context, layer._call_impl))
+                for layer in layers]
+    forward = prepare(functools.partial(torch.nn.Module._call_impl, model), model)
+
+    def call(*args, **kwargs):
+        with layers_compiled(layers, compiled):
+            return forward(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def layers_compiled(layers: list[torch.nn.Module], compiled: list):
+    """Within this block each layer's call runs its compiled call (nn.Module's own `_compiled_call_impl`)."""
+    before = [layer._compiled_call_impl for layer in layers]
+    for layer, call in zip(layers, compiled, strict=True):
+        layer._compiled_call_impl = call
+    try:
+        yield
+    finally:
+        for layer, call in zip(layers, before, strict=True):
+            layer._compiled_call_impl = call
+
+
+# Where a decoder layer's inputs hold the chunk's length, by rank (transformers' layout): [C] cache
+# positions, [B, C] position ids, [B, C, *] hidden states and RoPE tables, [B, 1, C, C] masks. By place,
+# not by size: a head_dim equal to the chunk's length must stay static.
+SEQUENCE_DIMS = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}
+
+
+def marking_chunk_dynamic(compiled_layer):
+    """`compiled_layer` with the chunk's length marked dynamic on its inputs and layer indices symbolic."""
+    @functools.wraps(compiled_layer)
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        chunk = hidden.shape[1]
+        if chunk > 1:  # single tokens stay static: the decode graph
+            for value in (*args, *kwargs.values()):
+                for tensor in value if isinstance(value, tuple) else (value,):
+                    mark_length_dynamic(tensor, chunk)
+        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return compiled_layer(*args, **kwargs)
+
+    return call
+
+
+def mark_length_dynamic(tensor, chunk: int) -> None:
+    if isinstance(tensor, torch.Tensor):
+        for dim in SEQUENCE_DIMS.get(tensor.dim(), ()):
+            if tensor.shape[dim] == chunk:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
