@@ -7,6 +7,7 @@ TORCHINDUCTOR_CACHE_DIR at a fresh folder to leave inductor's on-disk cache out 
 
     python benchmarks/bench_compile.py --inner inductor --save    # cold, writes the artifacts
     python benchmarks/bench_compile.py --inner inductor --warm    # warm from them
+    python benchmarks/bench_compile.py --inner inductor --regional   # one decoder layer compiled, shared
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def forward_pair(compiled, config, ids) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens (default 2048)")
     parser.add_argument("--warm", action="store_true", help="load the saved compile artifacts first")
     parser.add_argument("--save", action="store_true", help="save the compile artifacts afterwards")
+    parser.add_argument("--regional", action="store_true", help="options regional=True: compile one decoder layer")
     args = parser.parse_args()
 
     import torch
@@ -45,11 +47,12 @@ def main() -> None:
     model, _ = load_model(args.model)
     loaded = warm_start(model) if args.warm else None
     ids = torch.randint(100, 1000, (1, args.context), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend="lukv", options={"inner": args.inner})
+    compiled = torch.compile(model, backend="lukv", options={"inner": args.inner, "regional": args.regional})
     first = forward_pair(compiled, model.config, ids)
     again = forward_pair(compiled, model.config, ids)
     saved = save_warm_start(model) if args.save else None
-    print(f"{args.model} inner {args.inner}: first prompt + decode {first:.1f} s, again {again:.1f} s, "
+    scope = "regional" if args.regional else "whole model"
+    print(f"{args.model} inner {args.inner}, {scope}: first prompt + decode {first:.1f} s, again {again:.1f} s, "
           f"compile {first - again:.1f} s; artifacts loaded from {loaded}, saved to {saved}")
 
 

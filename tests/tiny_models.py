@@ -119,3 +119,15 @@ def conversation(model, cache, lengths=(30,), turns=((11, 4), (7, 3), (19, 5))):
         ids = torch.cat([generations[-1][0], said], dim=1)
         mask = torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], dim=1)
     return generations
+
+
+def assert_same_conversation(compiled, reference, lengths=(30,), turns=((11, 4), (7, 3), (19, 5)), **lukv):
+    """`conversation` through `compiled` on a compression-0 LUKVCache equals it on eager DynamicCache."""
+    from transformers import DynamicCache
+
+    from lukv_compile import LUKVCache
+
+    got = conversation(compiled, LUKVCache(reference.config, compression=0.0, **lukv), lengths, turns)
+    want = conversation(reference, DynamicCache(config=reference.config), lengths, turns)
+    for got_turn, want_turn in zip(got, want, strict=True):
+        assert_same_generation(got_turn, want_turn)

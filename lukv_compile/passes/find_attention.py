@@ -5,6 +5,8 @@ A marker's two outputs (the layer's new K and V) may reach SDPA only as its key 
 (`enable_gqa=True`) or through transformers' `repeat_kv` expansion (`x[:, :, None, :, :]` -> `expand` ->
 `reshape`). Any other use (a slice, a transpose, a matmul, a second consumer) would change what the
 attention reads in a way the rewrite cannot honour, so it is an error naming the layer and the op.
+Reading a marker output's size (`k.size()`, as `repeat_kv` does once the batch is dynamic) reads no data:
+the rewrite points it at the marker's input, which has the same shape.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class AttentionSite:
     sdpa: fx.Node
     marker: Marker | None  # None: not cache-backed (left exact)
     chain: tuple[fx.Node, ...] = ()  # nodes between the marker and SDPA, erased by the rewrite
+    size_reads: tuple[tuple[fx.Node, fx.Node], ...] = ()  # (size() of a marker output, the marker input)
 
     @property
     def query(self) -> fx.Node:
@@ -81,11 +84,15 @@ def describe(node: fx.Node) -> str:
     return f"{node.op} {target}{tuple(a if not isinstance(a, fx.Node) else a.name for a in node.args)}"
 
 
+def is_size_read(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "size"
+
+
 def follow_to_sdpa(start: fx.Node, slot: int, layer_idx: int) -> tuple[fx.Node, list[fx.Node]]:
     """From a marker output, walk the only allowed path to the SDPA that reads it as key/value."""
     chain, node = [], start
     while True:
-        users = list(node.users)
+        users = [u for u in node.users if not (node is start and is_size_read(u))]
         if len(users) != 1:
             uses = ", ".join(describe(u) for u in users) or "nothing"
             raise UnsupportedAttention(f"lukv: the cache's {'keys' if slot == SDPA_KEY else 'values'} of layer "
@@ -141,7 +148,9 @@ def match_marker(node: fx.Node) -> AttentionSite:
     reason = unsupported_reason(k_sdpa)
     if reason:
         raise UnsupportedAttention(f"lukv: cannot rewrite attention of layer {marker.layer_idx}: {reason}")
-    return AttentionSite(k_sdpa, marker, (outputs[0], outputs[1], *k_chain, *v_chain))
+    size_reads = tuple((user, marker.arg(name)) for slot, name in ((0, "k"), (1, "v"))
+                       for user in outputs[slot].users if is_size_read(user))
+    return AttentionSite(k_sdpa, marker, (outputs[0], outputs[1], *k_chain, *v_chain), size_reads)
 
 
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:

@@ -32,6 +32,8 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
             bool(sdpa_arg(site.sdpa, 5, "is_causal", False)), marker.arg("handle"), marker.layer_idx,
             softmax_scale(site)))
     out.meta.update(site.sdpa.meta)
+    for read, marker_input in site.size_reads:
+        read.replace_input_with(read.args[0], marker_input)
     site.sdpa.replace_all_uses_with(out)
     graph.erase_node(site.sdpa)
     for node in reversed(site.chain):  # repeat_kv steps, then the marker's getitems, then the marker
