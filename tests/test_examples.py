@@ -62,3 +62,11 @@ def test_profile_own_model():
     mean = float(re.search(r"per-head keep fraction mean (\S+),", out).group(1))
     assert abs(mean - 0.2) < 0.02  # the solver spends exactly the 20% budget at compression 0.8
     assert "answer: " in out and ratios(out)[0] < 0.4
+
+
+@pytest.mark.slow
+def test_context_before_question():
+    out = run_example("context_before_question.py", "--context", "512")
+    assert re.search(r"^document: \d+ tokens compressed before the question", out, re.M)
+    assert re.search(r"^answer: '.*' \((found|missed) the passkey \d+\)", out, re.M)
+    assert ratios(out)[0] < 0.4

@@ -22,17 +22,25 @@ from typing import Any
 import torch
 
 from lukv_compile.cache import LUKVCache, full_cache_nbytes
-from lukv_compile.eval.methods import ORACLE, Method, ProfileMissingError, make_cache, parse_methods, resolve
+from lukv_compile.eval.methods import (
+    ORACLE,
+    RECONSTRUCTION,
+    Method,
+    ProfileMissingError,
+    make_cache,
+    parse_methods,
+    resolve,
+)
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
+from lukv_compile.reconstruction import chat_parts, compress_context, repeat_ids
 
 ENGINES = ("simulated", "compiled")
 PROMPT_FORMATS = ("chat", "plain")
 WARMUP_STEPS = 2  # decode steps per sample left out of the latency median (the first may compile)
-_CONTEXT_MARK = "\x00CONTEXT\x00"
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Prompt:
     context_ids: torch.Tensor  # [1, T]: prefilled, then compressed
     question_ids: list[int]  # after compression (agnostic) or the end of the compressed prompt (aware)
     max_new_tokens: int
+    reconstruction: list[int]  # the context's reconstruction (`reconstruction.repeat_ids`), for that scorer
 
 
 @dataclass(frozen=True)
@@ -80,22 +89,20 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
     """
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
-    question = f"\n\n{sample.question}"
     if prompt_format == "chat":
-        template = tokenizer.apply_chat_template([{"role": "user", "content": _CONTEXT_MARK + question}],
-                                                 tokenize=False, add_generation_prompt=True)
-        before, after = template.split(_CONTEXT_MARK)
-        context, question = before + sample.context, after
+        before, question = chat_parts(tokenizer, sample.question)
+        context = before + sample.context
     else:
-        context, question = sample.context, question + "\nAnswer:"
+        context, question = sample.context, f"\n\n{sample.question}\nAnswer:"
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return Prompt(torch.tensor([context_ids]), tokenizer.encode(question, add_special_tokens=False),
-                  sample.max_new_tokens)
+                  sample.max_new_tokens, repeat_ids(tokenizer, sample.context, chat=prompt_format == "chat"))
 
 
 @torch.no_grad()
 def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int],
-               prefill_chunk: int | None = None, protocol: str = "agnostic") -> Generation:
+               prefill_chunk: int | None = None, protocol: str = "agnostic",
+               reconstruct: bool = False) -> Generation:
     """Prefill + evict (in chunks of `prefill_chunk`, if given; with the question for `aware`), the
     question in one forward (`agnostic`), then greedy decoding until a stop token."""
     device = model.device
@@ -103,7 +110,10 @@ def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[
     ids = prompt.context_ids.to(device)
     if protocol == "aware":
         ids = torch.cat([ids, question], dim=1)
-    logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
+    if reconstruct:  # the context ranked by its reconstruction (an uncompiled pass), then the compiled model
+        compress_context(model, cache, ids, prompt.reconstruction)
+    else:
+        logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
     if protocol == "agnostic":
         logits = compiled(input_ids=question, cache=cache, logits_to_keep=1).logits
     next_token = int(logits[0, -1].argmax())
@@ -175,6 +185,9 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
     chosen, notes = available_methods(model, methods, engine)
+    if "aware" in protocols and any(m.scorer == RECONSTRUCTION for m in chosen):
+        raise ValueError("the reconstruction scorer compresses the context before the question is seen: it runs "
+                         "with --protocol agnostic only")
     for note in notes if rank == 0 else []:
         print(note)
     runs = variants(chosen, compressions)
@@ -207,7 +220,7 @@ def simulated_results(model, tokenizer, sample: Sample, prompt: Prompt, runs: li
                       stop_ids: set[int]) -> list[Result]:
     compressed = [v for v in runs if v.method.profile is not None]
     got = simulate_sample(model, prompt.context_ids[0].tolist(), prompt.question_ids, compressed, where[0],
-                          stop_ids, prompt.max_new_tokens)
+                          stop_ids, prompt.max_new_tokens, prompt.reconstruction)
     out = []
     for variant in runs:
         if variant.method.profile is None:
@@ -226,7 +239,8 @@ def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt,
     out = []
     for variant in runs:
         cache = make_cache(variant.method.name, model, variant.compression)
-        g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0])
+        g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0],
+                       reconstruct=variant.method.scorer == RECONSTRUCTION)
         text = tokenizer.decode(g.tokens, skip_special_tokens=True)
         steps = g.step_seconds[WARMUP_STEPS:]
         out.append(Result("compiled", *where, variant.method.name, variant.compression, score(sample, text), text,

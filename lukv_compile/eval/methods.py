@@ -12,7 +12,9 @@ accuracy and memory differences come from the policy alone, not from the impleme
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
     scorers   any runtime scorer (lukv_compile.scorers), or `oracle`: tokens ranked by the oracle utility
-              of the actual question (a query-aware ceiling; the simulated engine only)
+              of the actual question (a query-aware ceiling; the simulated engine only), or
+              `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
+              LU-KV budgets only as lukv-<s>:reconstruction, since no profile is made with it)
 
 plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
@@ -63,6 +65,7 @@ def shipped_profile(model, scorer: str) -> Profile:
 BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored")
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
+RECONSTRUCTION = "reconstruction"  # task-agnostic: the utility of repeating the context (reconstruction.py)
 ALIASES = {"streaming": "uniform:streaming"}
 
 
@@ -80,11 +83,12 @@ def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
-    known_scorer = scorer in SCORERS or scorer == ORACLE
+    known_scorer = scorer in SCORERS or scorer in (ORACLE, RECONSTRUCTION)
     known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in SCORERS)
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
-                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(SCORERS)}, {ORACLE}")
+                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(SCORERS)}, {ORACLE}, "
+                         f"{RECONSTRUCTION}")
     return budget, scorer
 
 
@@ -94,8 +98,9 @@ def resolve(name: str, model) -> Method:
         return Method("full", "streaming", None)
     budget, scorer = split_name(name)
     layers, heads = layers_and_heads(model)
-    # The oracle protects like the attention-free scorers (sink 4, last token); LU-KV budgets keep their profile's.
-    protection = "keydiff" if scorer == ORACLE else scorer
+    # The oracle and reconstruction protect like the attention-free scorers (sink 4, last token); LU-KV budgets
+    # keep their profile's.
+    protection = "keydiff" if scorer in (ORACLE, RECONSTRUCTION) else scorer
     if budget in ("uniform", "adakv"):
         profile = Profile.uniform(layers, heads, scorer=protection)
     elif budget == "pyramid":

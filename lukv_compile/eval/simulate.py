@@ -9,7 +9,8 @@ per-head keep mask plus its own question and answer tokens. Rows leave the batch
 
 The `oracle` scorer ranks tokens by the oracle utility of the actual question (the profiler's
 definition: attention x value-output norm, max over queries and the GQA group), recorded while the
-full cache answers it: a query-aware ceiling for every budget allocation.
+full cache answers it: a query-aware ceiling for every budget allocation. The `reconstruction` scorer
+ranks them by the utility of repeating the context (task-agnostic; lukv_compile/reconstruction.py).
 
 Two protocols: `agnostic` (LU-KV's: the context is compressed before the question is seen, which is
 then one forward over the kept context) and `aware` (the question is part of the compressed prompt).
@@ -25,10 +26,11 @@ import torch
 
 from lukv_compile import scorers
 from lukv_compile.budgets import keep_counts
-from lukv_compile.eval.methods import Method
+from lukv_compile.eval.methods import ORACLE, RECONSTRUCTION, Method
 from lukv_compile.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording
+from lukv_compile.reconstruction import reconstruction_utility
 
 PROTOCOLS = ("agnostic", "aware")
 SIMULATION_IMPL = "lukv_simulation"
@@ -191,19 +193,26 @@ def answer_with_oracle(model, record: PrefillRecord, question: list[int], protoc
 
 @torch.no_grad()
 def simulate_sample(model, context_ids: list[int], question: list[int], variants: list[Variant], protocol: str,
-                    stop_ids: set[int], max_new_tokens: int) -> SampleAnswers:
-    """Every variant's greedy answer to one sample, from one prefill (see the module docstring)."""
+                    stop_ids: set[int], max_new_tokens: int, reconstruction: list[int] | None = None) -> SampleAnswers:
+    """Every variant's greedy answer to one sample, from one prefill (see the module docstring).
+
+    reconstruction: the context's reconstruction ids (`reconstruction.repeat_ids`), needed by that scorer.
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    reconstructed = any(v.method.scorer == RECONSTRUCTION for v in variants)
+    if reconstructed and (protocol != "agnostic" or not reconstruction):
+        raise ValueError("the reconstruction scorer needs the agnostic protocol and the reconstruction token ids")
     prompt = context_ids + question if protocol == "aware" else context_ids
     record = record_prefill(model, torch.tensor([prompt]))
+    scores = {RECONSTRUCTION: reconstruction_utility(model, record, reconstruction)} if reconstructed else {}
     full, importance = answer_with_oracle(model, record, question, protocol, stop_ids, max_new_tokens)
     if not variants:
         return SampleAnswers(full, [], [])
     ropes = scorers.layer_ropes(model.config)
-    ranked = {v.method.scorer for v in variants} - {"oracle"}
-    scores = {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
-    scores["oracle"] = importance
+    ranked = {v.method.scorer for v in variants} - {ORACLE, RECONSTRUCTION}
+    scores |= {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
+    scores[ORACLE] = importance
     keep = variant_masks(variants, scores, len(prompt))  # [R, L, H, P]
     kept = keep.flatten(1).float().mean(dim=1).tolist()
     layers = [SimulatedLayer(record.k[i], record.v[i], keep[:, i]) for i in range(record.num_layers)]

@@ -1,0 +1,109 @@
+"""Context compression ranked by reconstruction: the cache keeps exactly what the evaluation simulates."""
+
+import numpy as np
+import pytest
+import torch
+from test_eval import CharTokenizer, lukv_compiled, tiny_profile
+from tiny_models import tiny_model
+
+from lukv_compile import LUKVCache
+from lukv_compile.eval import methods
+from lukv_compile.eval.harness import evaluate
+from lukv_compile.profiling.oracle import record_prefill
+from lukv_compile.reconstruction import compress_context, reconstruction_utility, repeat_ids
+
+RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=128, seed=3)
+    m.config.name_or_path = "test/Tiny-Llama:random"
+    return m
+
+
+def context(n: int = 200, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, monkeypatch):
+    """`compress_context` + the compiled model answers as the simulated engine's reconstruction rows do."""
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    tiny_profile(tmp_path, "keydiff")
+    args = dict(methods=["full", "uniform:keydiff", *RECONSTRUCTED], tasks=["passkey"], context_tokens=[300],
+                samples=2, compressions=[0.5, 0.8], progress=False, prompt_format="plain")
+    simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
+    compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
+    key = lambda r: (r.sample, r.method, r.compression)  # noqa: E731
+    assert len(simulated) == len(compiled) == 2 * (1 + 2 * 4)
+    assert {key(r): r.answer for r in simulated} == {key(r): r.answer for r in compiled}
+    answers = {key(r): r.answer for r in simulated}
+    assert any(answers[s, "uniform:reconstruction", c] != answers[s, "uniform:keydiff", c]
+               for s in (0, 1) for c in (0.5, 0.8)), "the ranking should matter"
+    assert all(r.kv_ratio < 0.8 for r in compiled if r.method in RECONSTRUCTED and r.compression == 0.5)
+
+
+def test_the_cache_keeps_each_heads_budget_of_top_reconstruction_tokens(model):
+    ids = context()
+    reconstruction = (torch.arange(10) + 3).tolist() + ids[0].tolist()
+    cache = LUKVCache(model.config, compression=0.7, scorer="keydiff")
+    compress_context(model, cache, ids, reconstruction)
+    utility = reconstruction_utility(model, record_prefill(model, ids), reconstruction)
+    assert cache.get_seq_length() == 200
+    for layer in cache.layers:
+        budget = layer.budget(np.array([200]))[0]
+        for h, kept in enumerate(layer.kept_positions()[0]):
+            kept = set(kept.tolist())
+            assert len(kept) == budget[h]
+            assert {0, 1, 2, 3, 199} <= kept  # sink 4 and the last token are protected
+            scores = utility[layer.layer_idx, h]
+            chosen = [j for j in range(4, 199) if j in kept]
+            dropped = [j for j in range(4, 199) if j not in kept]
+            assert min(scores[chosen]) >= max(scores[dropped])
+    assert cache.nbytes() < 0.5 * 2 * 2 * 2 * 200 * 16 * 4  # layers x K/V x heads x tokens x dim x fp32
+
+
+def test_the_compressed_cache_continues_on_the_compiled_model(model):
+    """A later turn after compress_context: the compiled model appends to the kept tokens at the right positions."""
+    cache = LUKVCache(model.config, compression=0.5, scorer="keydiff")
+    ids = context(seed=1)
+    logits = compress_context(model, cache, ids, ids[0].tolist())
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)  # the context itself is exact
+    compiled = lukv_compiled(model)
+    out = compiled.generate(input_ids=torch.cat([ids, context(5, seed=2)], dim=1), cache=cache,
+                            max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == 209 and cache.get_seq_length() == 208
+    assert all(len(p) == layer.budget(np.array([200]))[0, h] + 8
+               for layer in cache.layers for h, p in enumerate(layer.kept_positions()[0]))
+
+
+def test_bad_calls_raise_before_work(model):
+    ids = context()
+    cache = LUKVCache(model.config, compression=0.5, scorer="keydiff")
+    with pytest.raises(ValueError, match="plain model"):
+        compress_context(lukv_compiled(model), cache, ids, [5])
+    with pytest.raises(ValueError, match="one sequence"):
+        compress_context(model, cache, ids.expand(2, -1), [5])
+    with pytest.raises(ValueError, match="leaves nothing to evict"):
+        compress_context(model, cache, ids[:, :5], [5])
+    with pytest.raises(TypeError, match="LUKVCache"):
+        compress_context(model, object(), ids, [5])
+    with pytest.raises(ValueError, match="empty"):
+        compress_context(model, cache, ids, [])
+    compress_context(model, cache, ids, [5])
+    with pytest.raises(ValueError, match="empty LUKVCache"):
+        compress_context(model, cache, ids, [5])
+
+
+def test_reconstruction_needs_the_agnostic_protocol(model):
+    with pytest.raises(ValueError, match="agnostic only"):
+        evaluate(model, CharTokenizer(), methods=["uniform:reconstruction"], tasks=["passkey"], context_tokens=[300],
+                 samples=1, compressions=[0.8], progress=False, prompt_format="plain", protocols=("aware",))
+
+
+def test_repeat_ids_are_the_request_then_the_context():
+    tokenizer = CharTokenizer()
+    ids = repeat_ids(tokenizer, "abc", chat=False)
+    assert tokenizer.decode(ids) == "\n\nRepeat the text above exactly.abc"
