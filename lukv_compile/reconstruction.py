@@ -23,7 +23,7 @@ import torch
 
 from lukv_compile.cache import LUKVCache, RaggedLayer
 from lukv_compile.eviction import keep_mask
-from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording
+from lukv_compile.profiling.oracle import PrefillRecord, record_prefill, recording, utility_hook
 from lukv_compile.storage import RaggedStore
 
 REPEAT_REQUEST = "Repeat the text above exactly."
@@ -56,12 +56,8 @@ def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[in
         raise ValueError("the reconstruction token ids are empty")
     importance = torch.zeros(record.num_layers, record.num_kv_heads, record.context_len, device=record.k[0].device)
 
-    def hook(module, query, key, value, mask, scale):
-        layer = module.layer_idx
-        decode_importance(importance[layer], query, key, record.value_weights[layer], record.scaling[layer])
-
     cache = copy.deepcopy(record.cache)
-    with recording(model, hook):
+    with recording(model, utility_hook(importance, record)):
         model(input_ids=torch.tensor([reconstruction], device=record.k[0].device), cache=cache, logits_to_keep=1)
     return importance
 

@@ -29,7 +29,7 @@ from lukv_compile.budgets import keep_counts
 from lukv_compile.eval.methods import ORACLE, RECONSTRUCTION, Method
 from lukv_compile.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
-from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording
+from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording, utility_hook
 from lukv_compile.reconstruction import reconstruction_utility
 
 PROTOCOLS = ("agnostic", "aware")
@@ -164,17 +164,13 @@ def answer_with_oracle(model, record: PrefillRecord, question: list[int], protoc
     prompt_len, device = record.context_len, record.k[0].device
     importance = torch.zeros(record.num_layers, record.num_kv_heads, prompt_len)
 
-    def hook(module, query, key, value, mask, scale):
-        layer = module.layer_idx
-        decode_importance(importance[layer], query, key, record.value_weights[layer], record.scaling[layer])
-
     if protocol == "aware":  # the question's own queries are in the prompt
         q_len = len(question)
         for layer in range(record.num_layers):
             decode_importance(importance[layer], record.q[layer][:, :, -q_len:], record.k[layer],
                               record.value_weights[layer], record.scaling[layer])
     cache = record.cache
-    with recording(model, hook):
+    with recording(model, utility_hook(importance, record)):
         if protocol == "agnostic":
             ids = torch.tensor([question], device=device)
             logits = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[0, -1]
