@@ -17,7 +17,7 @@ import lukv_compile
 from lukv_compile.eval.methods import profile_path
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import load_model
-from lukv_compile.reconstruction import chat_parts
+from lukv_compile.profiling.reconstruction import chat_parts
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--context", type=int, default=1024, help="document length in tokens")

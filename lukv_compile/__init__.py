@@ -10,7 +10,8 @@ compiled call, `save_warm_start(model)` after it (lukv_compile/warm.py).
 from lukv_compile import backend, hooks
 from lukv_compile.cache import LUKVCache, LUKVCacheError, full_cache_nbytes
 from lukv_compile.profile import Profile, ProfileError
-from lukv_compile.reconstruction import compress_context, repeat_ids
+from lukv_compile.profiling.reconstruction import repeat_ids
+from lukv_compile.reconstruction import compress_context
 from lukv_compile.settings import LUKVSettings
 from lukv_compile.warm import save_warm_start, warm_start
 

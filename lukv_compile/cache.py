@@ -27,7 +27,7 @@ from lukv_compile.budgets import keep_counts
 from lukv_compile.eviction import Candidates, evict, real_queries
 from lukv_compile.kernels import ops  # noqa: F401  (registers the lukv:: ops)
 from lukv_compile.kernels.reference import segment_attention
-from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, Profile, ProfileError
+from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
 from lukv_compile.scorers import layer_ropes
 from lukv_compile.settings import LUKVSettings
 from lukv_compile.storage import RaggedStore
@@ -45,6 +45,11 @@ def report_once(message: str) -> None:
 
 class LUKVCacheError(RuntimeError):
     """The cache was used in a way it cannot serve (raised before anything is changed)."""
+
+
+FILL_BY_RECONSTRUCTION = ("its profile ranks tokens by reconstruction, which no forward computes: fill the cache "
+                          "with lukv_compile.compress_context(model, cache, context_ids, repeat_ids(...)) first, "
+                          "or use a profile made for a run-time scorer")
 
 
 def chunk_real_counts(attn_mask: torch.Tensor | None, is_causal: bool, batch: int, chunk: int,
@@ -153,6 +158,9 @@ class RaggedLayer(CacheLayerMixin):
         b, h, c, d = k.shape
         counts = self.real_counts(attn_mask, is_causal, b, c)
         if self.store is None:
+            if self.profile.scorer == RECONSTRUCTION:
+                raise LUKVCacheError(f"lukv: layer {self.layer_idx} got a prompt on an empty cache, but "
+                                     f"{FILL_BY_RECONSTRUCTION}")
             self.store = RaggedStore(b, h, d, k.dtype, k.device)
             self.real_tokens = np.zeros(b, dtype=np.int64)
         elif self.store.batch != b:
@@ -278,6 +286,9 @@ class LUKVCache(Cache):
         self.can_mask_chunks = "sliding" not in self.kinds
         self.chunk_masks = False
         self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
+        if self.profile.scorer == RECONSTRUCTION and (settings.evict != "prompt" or settings.prefill_chunk):
+            raise ValueError(f"evict={settings.evict!r} / prefill_chunk={settings.prefill_chunk!r} evict after the "
+                             f"prompt, but {FILL_BY_RECONSTRUCTION}; keep evict='prompt' and no prefill_chunk")
         self.ropes = layer_ropes(config)  # once per cache: each layer's RoPE frequencies, for the scorers
         self.handle = handles.new_handle(self)
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)

@@ -22,8 +22,7 @@ import numpy as np
 from lukv_compile.arguments import compression_arg, non_negative_int, positive_int
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
-from lukv_compile.profile import NUM_RATIOS, Profile, ProfileError
-from lukv_compile.scorers import SCORERS, check_scorer
+from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -42,7 +41,8 @@ def add_profile(sub) -> None:
                                    "global budget sweep; one .safetensors profile per scorer.")
     p.add_argument("model", help="model name (smollm2, gemma3) or a path to a saved transformers model folder")
     p.add_argument("--scorer", default="snapkv",
-                   help=f"scorer or comma-separated scorers, from: {', '.join(SCORERS)} (default snapkv)")
+                   help=f"scorer or comma-separated scorers, from: {', '.join(RANKINGS)} (default snapkv; "
+                        "reconstruction: the utility of repeating the context, applied by compress_context)")
     p.add_argument("--out", required=True,
                    help="output .safetensors file; with several scorers it must contain {scorer}")
     p.add_argument("--questions", type=positive_int, default=None, help="use the first N calibration questions "
@@ -69,9 +69,9 @@ def add_profile(sub) -> None:
 def parse_scorers(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
-        raise CommandError(f"--scorer is empty; allowed: {', '.join(SCORERS)}")
+        raise CommandError(f"--scorer is empty; allowed: {', '.join(RANKINGS)}")
     for name in names:
-        check_scorer(name)
+        check_ranking(name)
     if len(set(names)) != len(names):
         raise CommandError(f"--scorer lists a scorer twice: {text!r}")
     return names

@@ -29,8 +29,9 @@ from torch._dynamo.eval_frame import _TorchDynamoContext
 from transformers.generation.utils import GenerationMixin
 
 from lukv_compile import handles
-from lukv_compile.cache import LUKVCache
+from lukv_compile.cache import FILL_BY_RECONSTRUCTION, LUKVCache
 from lukv_compile.prefill import chunked_prefill, packed
+from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.regional import decoder_layers, regional_call
 from lukv_compile.settings import LUKVSettings
 
@@ -238,6 +239,8 @@ def cache_for_generate(model, plan: CompiledWithLUKV, cache) -> LUKVCache:
         detail = ", ".join(f"{k}={given!r} in the compile options but {held!r} in the cache"
                            for k, (given, held) in clash.items())
         raise ValueError(f"conflicting lukv settings: {detail}; the cache owns the policy, so drop them from one")
+    if cache.profile.scorer == RECONSTRUCTION and cache.get_seq_length() == 0:
+        raise ValueError(f"generate() got an empty LUKVCache; {FILL_BY_RECONSTRUCTION}")
     return cache
 
 

@@ -8,6 +8,10 @@ leaves exact (sliding-window) are listed in `excluded_layers`, hold prune 0 and 
 
 On disk: one safetensors file with the tensor `prune_fractions` and a JSON metadata header saying which
 model, scorer, sink and window it was made for. Inference refuses a mismatch.
+
+A profile's `scorer` names the ranking its loss curves measured: a run-time scorer (lukv_compile/scorers/),
+or `reconstruction` (profiling/reconstruction.py), which only `compress_context` applies: a cache holding
+such a profile is filled by that call and never evicts on its own.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lukv_compile.scorers import DEFAULT_WINDOW, check_scorer
+from lukv_compile.scorers import DEFAULT_WINDOW as SCORER_WINDOW
 from lukv_compile.scorers import SCORERS as SCORERS  # re-exported: callers import the names from here too
 
 FORMAT_VERSION = 1
 NUM_RATIOS = 99
 DEFAULT_SINK = 4
 REQUIRED_METADATA = ("format_version", "scorer", "sink", "window", "num_layers", "num_kv_heads")
+RECONSTRUCTION = "reconstruction"  # a ranking, not a run-time scorer: applied by compress_context only
+RANKINGS = SCORERS + (RECONSTRUCTION,)  # what a profile can be made for
+DEFAULT_WINDOW = SCORER_WINDOW | {RECONSTRUCTION: 1}  # protected recent tokens per ranking (the last token)
+
+
+def check_ranking(name: str) -> str:
+    if name not in RANKINGS:
+        raise ValueError(f"unknown scorer {name!r}; allowed: {', '.join(RANKINGS)}")
+    return name
 
 
 class ProfileError(ValueError):
@@ -61,7 +74,7 @@ class Profile:
             raise ProfileError(f"prune fractions must have shape [99, layers, kv_heads], got {self.prune.shape}")
         if not np.isfinite(self.prune).all() or self.prune.min() < 0 or self.prune.max() >= 1:
             raise ProfileError("prune fractions must be finite and in [0, 1)")
-        check_scorer(self.scorer)
+        check_ranking(self.scorer)
         for name in ("sink", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -89,7 +102,7 @@ class Profile:
         """Every head keeps the same fraction (the SnapKV-style uniform allocation)."""
         ratios = np.arange(1, NUM_RATIOS + 1, dtype=np.float32) / 100
         prune = np.broadcast_to(ratios[:, None, None], (NUM_RATIOS, num_layers, num_kv_heads)).copy()
-        window = DEFAULT_WINDOW[check_scorer(scorer)] if window is None else window
+        window = DEFAULT_WINDOW[check_ranking(scorer)] if window is None else window
         return cls(prune, scorer=scorer, sink=sink, window=window, calibration="uniform", scope="uniform")
 
     @classmethod
@@ -104,7 +117,7 @@ class Profile:
         # Clipping at 1 loses budget in the shallow layers; hand it back evenly to the others.
         keep += (keep_mean[:, None] - keep.mean(axis=1, keepdims=True)) * (keep < 1.0)
         prune = np.clip(1 - keep, 0.0, 0.999)[:, :, None].repeat(num_kv_heads, axis=2)
-        window = DEFAULT_WINDOW[check_scorer(scorer)] if window is None else window
+        window = DEFAULT_WINDOW[check_ranking(scorer)] if window is None else window
         return cls(prune.astype(np.float32), scorer=scorer, sink=sink, window=window,
                    calibration="pyramidkv linear", scope="pyramid")
 
@@ -196,7 +209,7 @@ class Profile:
             prune = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ProfileError(f"{path}: not a readable .npy array ({e})") from e
-        window = DEFAULT_WINDOW[check_scorer(scorer)] if window is None else window
+        window = DEFAULT_WINDOW[check_ranking(scorer)] if window is None else window
         try:
             return cls(prune, scorer=scorer, sink=sink, window=window, calibration=f"imported from {Path(path).name}")
         except ProfileError as e:

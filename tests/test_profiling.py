@@ -15,8 +15,10 @@ from tiny_models import tiny_gemma3
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lukv_compile.cache import LUKVCache, sliding_layers
+from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import NUM_RATIOS, Profile, ProfileError
 from lukv_compile.profiling import (
+    calibration_inputs,
     cum_losses,
     eviction_order,
     head_graph,
@@ -29,6 +31,8 @@ from lukv_compile.profiling import (
     record_prefill,
 )
 from lukv_compile.profiling.oracle import value_output_weights
+from lukv_compile.profiling.reconstruction import reconstruction_utility, repeat_ids
+from lukv_compile.profiling.run import TEMPERATURE
 from lukv_compile.selection import protect_and_mask, select_tokens
 from lukv_compile.solver import build_head_graph, unit_attr
 
@@ -233,6 +237,23 @@ def test_profile_scorers_share_one_oracle_and_average_questions(model, tokenizer
     per_q = [prune_fractions(c, 80, 4, 32, head_graph(model.config)) for c in both["streaming"].curves]
     np.testing.assert_allclose(both["streaming"].profile.prune, np.mean(per_q, axis=0), atol=1e-6)
     np.testing.assert_array_equal(single.curves[0], both["streaming"].curves[0])
+
+
+def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(model, tokenizer):
+    """`--scorer reconstruction`: the loss curves rank each head's tokens by their utility to repeating the context."""
+    context = "abcdefghij" * 8
+    made = profile_scorers(model, tokenizer, ["reconstruction", "keydiff"], k_max=3, context=context,
+                           questions=["x?"], progress=False, keep_curves=True)
+    profile = made["reconstruction"].profile
+    assert (profile.scorer, profile.sink, profile.window) == ("reconstruction", 4, 1)
+    assert "Repeat the text above" in json.loads(profile.calibration)["reconstruction"]
+    calib = calibration_inputs(tokenizer, context, ["x?"])
+    record = record_prefill(model, calib.context_ids)
+    ranking = reconstruction_utility(model, record, repeat_ids(tokenizer, context, chat=False))
+    oracle = oracle_importance(model, record, calib.question_ids[0], 3, TEMPERATURE, 0,
+                               eos_token_ids(model, tokenizer)).importance
+    np.testing.assert_allclose(made["reconstruction"].curves[0], cum_losses(oracle, eviction_order(ranking, 4, 1)))
+    assert not np.allclose(made["reconstruction"].curves[0], made["keydiff"].curves[0]), "the ranking should matter"
 
 
 def test_sliding_layers_get_no_budget_and_the_runtime_agrees(tokenizer):

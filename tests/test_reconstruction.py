@@ -6,13 +6,15 @@ import torch
 from test_eval import CharTokenizer, lukv_compiled, tiny_profile
 from tiny_models import tiny_model
 
-from lukv_compile import LUKVCache
+from lukv_compile import LUKVCache, LUKVCacheError, Profile
+from lukv_compile.budgets import keep_counts
 from lukv_compile.eval import methods
 from lukv_compile.eval.harness import evaluate
 from lukv_compile.profiling.oracle import record_prefill
-from lukv_compile.reconstruction import compress_context, reconstruction_utility, repeat_ids
+from lukv_compile.profiling.reconstruction import reconstruction_utility, repeat_ids
+from lukv_compile.reconstruction import compress_context
 
-RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction"]
+RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction"]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,13 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
     """`compress_context` + the compiled model answers as the simulated engine's reconstruction rows do."""
     monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
     tiny_profile(tmp_path, "keydiff")
+    tiny_profile(tmp_path, "reconstruction")
     args = dict(methods=["full", "uniform:keydiff", *RECONSTRUCTED], tasks=["passkey"], context_tokens=[300],
                 samples=2, compressions=[0.5, 0.8], progress=False, prompt_format="plain")
     simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
     compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
     key = lambda r: (r.sample, r.method, r.compression)  # noqa: E731
-    assert len(simulated) == len(compiled) == 2 * (1 + 2 * 4)
+    assert len(simulated) == len(compiled) == 2 * (1 + 2 * 5)
     assert {key(r): r.answer for r in simulated} == {key(r): r.answer for r in compiled}
     answers = {key(r): r.answer for r in simulated}
     assert any(answers[s, "uniform:reconstruction", c] != answers[s, "uniform:keydiff", c]
@@ -107,3 +110,34 @@ def test_repeat_ids_are_the_request_then_the_context():
     tokenizer = CharTokenizer()
     ids = repeat_ids(tokenizer, "abc", chat=False)
     assert tokenizer.decode(ids) == "\n\nRepeat the text above exactly.abc"
+
+
+def reconstruction_profile() -> Profile:
+    """A profile made for the reconstruction ranking: head (0, 0) keeps more than the others."""
+    prune = Profile.uniform(2, 2).prune.copy()
+    prune[:, 0, 0] = prune[:, 0, 1] / 2
+    return Profile(prune, scorer="reconstruction", window=1)
+
+
+def test_a_reconstruction_profile_is_applied_by_compress_context_only(model):
+    """Its budgets fill the cache through compress_context; a forward on the empty cache is refused, not guessed."""
+    profile = reconstruction_profile()
+    compiled = lukv_compiled(model)
+    ids = context(seed=4)
+    cache = LUKVCache(model.config, profile=profile, compression=0.5, allow_other_model=True)
+    with pytest.raises(ValueError, match="compress_context"):
+        compiled.generate(input_ids=ids, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(LUKVCacheError, match="compress_context"), torch.no_grad():
+        compiled(input_ids=ids, cache=cache)
+    assert cache.get_seq_length() == 0 and all(layer.store is None for layer in cache.layers)
+    for bad in ({"evict": "turn"}, {"evict": "always"}, {"prefill_chunk": 64}):
+        with pytest.raises(ValueError, match="compress_context"):
+            LUKVCache(model.config, profile=profile, compression=0.5, allow_other_model=True, **bad)
+
+    compress_context(model, cache, ids, ids[0].tolist())
+    budget = keep_counts(profile, 0.5, [200], protected=5)[0]
+    assert budget[0, 0] > budget[0, 1]
+    assert [[len(p) for p in layer.kept_positions()[0]] for layer in cache.layers] == budget.tolist()
+    out = compiled.generate(input_ids=torch.cat([ids, context(5, seed=2)], dim=1), cache=cache, max_new_tokens=3,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == 208 and cache.get_seq_length() == 207

@@ -36,7 +36,8 @@ from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
-from lukv_compile.reconstruction import chat_parts, compress_context, repeat_ids
+from lukv_compile.profiling.reconstruction import chat_parts, repeat_ids
+from lukv_compile.reconstruction import compress_context
 
 ENGINES = ("simulated", "compiled")
 PROMPT_FORMATS = ("chat", "plain")

@@ -14,7 +14,7 @@ accuracy and memory differences come from the policy alone, not from the impleme
     scorers   any runtime scorer (lukv_compile.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
-              LU-KV budgets only as lukv-<s>:reconstruction, since no profile is made with it)
+              `lukv:reconstruction` uses the profile solved for that ranking)
 
 plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lukv_compile.cache import LUKVCache
 from lukv_compile.models import config_fingerprint
-from lukv_compile.profile import SCORERS, Profile
+from lukv_compile.profile import RANKINGS, RECONSTRUCTION, SCORERS, Profile
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -65,7 +65,6 @@ def shipped_profile(model, scorer: str) -> Profile:
 BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored")
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
-RECONSTRUCTION = "reconstruction"  # task-agnostic: the utility of repeating the context (reconstruction.py)
 ALIASES = {"streaming": "uniform:streaming"}
 
 
@@ -83,12 +82,11 @@ def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
-    known_scorer = scorer in SCORERS or scorer in (ORACLE, RECONSTRUCTION)
-    known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in SCORERS)
+    known_scorer = scorer in RANKINGS or scorer == ORACLE
+    known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS)
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
-                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(SCORERS)}, {ORACLE}, "
-                         f"{RECONSTRUCTION}")
+                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(RANKINGS)}, {ORACLE}")
     return budget, scorer
 
 

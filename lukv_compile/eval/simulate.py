@@ -30,7 +30,7 @@ from lukv_compile.eval.methods import ORACLE, RECONSTRUCTION, Method
 from lukv_compile.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording, utility_hook
-from lukv_compile.reconstruction import reconstruction_utility
+from lukv_compile.profiling.reconstruction import reconstruction_utility
 
 PROTOCOLS = ("agnostic", "aware")
 SIMULATION_IMPL = "lukv_simulation"

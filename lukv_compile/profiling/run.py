@@ -24,15 +24,17 @@ from tqdm import tqdm
 from lukv_compile import solver
 from lukv_compile.cache import sliding_layers, text_config
 from lukv_compile.models import eos_token_ids
-from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, Profile, check_scorer
+from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, RECONSTRUCTION, Profile, check_ranking
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
-from lukv_compile.profiling.oracle import oracle_importance, record_prefill
+from lukv_compile.profiling.oracle import PrefillRecord, oracle_importance, record_prefill
+from lukv_compile.profiling.reconstruction import REPEAT_REQUEST, reconstruction_utility, request_ids
 from lukv_compile.scorers import layer_ropes
 
 RATIOS = np.arange(1, NUM_RATIOS + 1) / 100
 TEMPERATURE = 0.7
 SCOPES = ("global", "layer")
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+RECONSTRUCTION_PROMPT = f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced)"
 CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
 
 
@@ -151,7 +153,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
 
     if not scorers or len(set(scorers)) != len(scorers):
         raise ValueError(f"scorers must be a non-empty list without repeats, got {list(scorers)}")
-    windows = {s: DEFAULT_WINDOW[check_scorer(s)] if window is None else window for s in scorers}
+    windows = {s: DEFAULT_WINDOW[check_ranking(s)] if window is None else window for s in scorers}
     check_scope(scope, shards)
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
@@ -164,8 +166,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     rank, world = init_distributed()
 
     record = record_prefill(model, calib.context_ids)
-    ropes = layer_ropes(model.config)
-    orders = {s: eviction_order(layer_scores(s, record.q, record.k, record.v, record.scaling, ropes), sink, windows[s])
+    orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, calib), sink, windows[s])
               for s in scorers}
     sums = {s: np.zeros((NUM_RATIOS, record.num_layers, record.num_kv_heads)) for s in scorers}
     curves = {s: {} for s in scorers}
@@ -188,7 +189,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         "text": calib.name, "context_tokens": t, "questions": n, "k_max": k_max, "temperature": TEMPERATURE,
         "seed": seed, "mean_decode_steps": round(steps / n, 2), "question_template": QUESTION_TEMPLATE,
         "shards": shards,
-    })
+    } | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}))
     identity, fingerprint = model_identity(model), config_fingerprint(model.config)
     results = {}
     for s in scorers:
@@ -197,6 +198,19 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         gathered = _gather_curves(curves[s], world) if keep_curves else None
         results[s] = ProfileResult(profile, None if gathered is None else np.stack([gathered[i] for i in range(n)]))
     return results
+
+
+def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, calib: Calibration) -> torch.Tensor:
+    """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context.
+
+    reconstruction: the context (plain text, as calibrated) followed by the request to repeat it, with the
+    context's own tokens teacher-forced as the answer.
+    """
+    if name == RECONSTRUCTION:
+        special = set(tokenizer.all_special_ids)
+        answer = [t for t in calib.context_ids.tolist() if t not in special]
+        return reconstruction_utility(model, record, request_ids(tokenizer, chat=False) + answer)
+    return layer_scores(name, record.q, record.k, record.v, record.scaling, layer_ropes(model.config))
 
 
 def _all_reduce(sums: dict[str, np.ndarray], steps: int, world: int) -> int:

@@ -1,0 +1,60 @@
+"""The reconstruction ranking: a context token's utility to the model repeating the context.
+
+A scorer that sees only the context cannot know which fact a later question will ask for; the oracle
+(the utility of the actual question) can. This ranks every context token instead by the oracle utility
+of a self-supervised question: the model is asked to repeat the context and the context is teacher-forced
+as its answer (KVzip's idea, Kim et al. 2025); a token's score is the profiler's utility (attention x
+value-output norm, max over the reconstruction's queries and the GQA group, `oracle.decode_importance`).
+
+It needs a second forward over the full context, so it is no run-time scorer: the profiler ranks the
+calibration context with it (`lukv profile --scorer reconstruction`), `compress_context`
+(lukv_compile/reconstruction.py) fills a cache with it, and the evaluation's simulated engine selects
+with it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lukv_compile.profiling.oracle import PrefillRecord, recording, utility_hook
+
+REPEAT_REQUEST = "Repeat the text above exactly."
+_MARK = "\x00context\x00"
+
+
+def chat_parts(tokenizer, text: str) -> tuple[str, str]:
+    """The chat template around a user message of a context then `text`: (before the context, after it).
+
+    The context starts the user's message; `text` (after a blank line) ends it, then the assistant's turn
+    starts, so the second part is what follows the context.
+    """
+    template = tokenizer.apply_chat_template([{"role": "user", "content": f"{_MARK}\n\n{text}"}], tokenize=False,
+                                             add_generation_prompt=True)
+    before, after = template.split(_MARK)
+    return before, after
+
+
+def request_ids(tokenizer, chat: bool = True) -> list[int]:
+    """Token ids of the repeat request that follows the context (closing the user's turn when `chat`)."""
+    request = chat_parts(tokenizer, REPEAT_REQUEST)[1] if chat else f"\n\n{REPEAT_REQUEST}"
+    return tokenizer.encode(request, add_special_tokens=False)
+
+
+def repeat_ids(tokenizer, context_text: str, chat: bool = True) -> list[int]:
+    """Token ids of the reconstruction: the repeat request after the context, then the context's text."""
+    return request_ids(tokenizer, chat) + tokenizer.encode(context_text, add_special_tokens=False)
+
+
+@torch.no_grad()
+def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int]) -> torch.Tensor:
+    """[L, H_kv, P] float32: the oracle utility of `reconstruction` over the recorded context (its cache is copied)."""
+    if not reconstruction:
+        raise ValueError("the reconstruction token ids are empty")
+    importance = torch.zeros(record.num_layers, record.num_kv_heads, record.context_len, device=record.k[0].device)
+
+    cache = copy.deepcopy(record.cache)
+    with recording(model, utility_hook(importance, record)):
+        model(input_ids=torch.tensor([reconstruction], device=record.k[0].device), cache=cache, logits_to_keep=1)
+    return importance
