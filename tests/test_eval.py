@@ -260,6 +260,16 @@ def test_command_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
     args = eval_parser().parse_args(["eval", "--model", str(folder), "--from-json", str(js), "--out", str(again)])
     assert command.run(args) == 0
     assert report.markdown_table([Result(**r) for r in results]) in again.read_text()
+    # The same rows in two files count once; --tasks keeps only those tasks' rows.
+    twice = tmp_path / "twice.md"
+    args = eval_parser().parse_args(["eval", "--model", str(folder), "--from-json", f"{js},{js}", "--out", str(twice),
+                                     "--tasks", "passkey"])
+    assert command.run(args) == 0
+    assert report.markdown_table([Result(**r) for r in results]) in twice.read_text()
+    args = eval_parser().parse_args(["eval", "--model", str(folder), "--from-json", str(js), "--out", str(twice),
+                                     "--tasks", "niah_single"])
+    with pytest.raises(ValueError, match="no results"):
+        command.run(args)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
                                    "the question (aware); every method is a budget allocation x a scorer.")
     p.add_argument("--model", default="smollm2", help="model name (smollm2, gemma3) or a saved transformers folder")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
-                   f"(default {DEFAULT_TASKS})")
+                   f"(default {DEFAULT_TASKS}); with --from-json, the tasks whose rows the report keeps")
     p.add_argument("--context", default="2048", help="comma-separated context lengths in tokens (default 2048)")
     p.add_argument("--samples", type=int, default=20, help="samples per task and context length (default 20)")
     p.add_argument("--compression", default="0.8", help="comma-separated compression ratios in [0, 1) "
@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="write the Markdown tables here (and <name>_accuracy.png, "
                    "<name>_budgets.png next to it)")
     p.add_argument("--from-json", default=None, help="comma-separated JSON files from earlier --json runs: "
-                   "skip the evaluation and write the report (--out) from their rows")
+                   "skip the evaluation and write the report (--out) from their rows (a row in several files "
+                   "counts once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -172,7 +173,14 @@ def report_from_json(args) -> int:
             runs.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--from-json: {path} is not a JSON file written by --json ({e})") from None
-    results = [Result(**r) for run in runs for r in run["results"]]
+    tasks = set(TASKS if args.tasks == "all" else split_list(args.tasks, str, "tasks"))
+    rows: dict[tuple, Result] = {}
+    for run in runs:
+        for row in run["results"]:
+            result = Result(**row)
+            if result.task in tasks:  # a run repeated in two files (the full cache, say) counts once
+                rows.setdefault(result_key(result), result)
+    results = list(rows.values())
     meta = dict(runs[0]["meta"])
     meta["command"] = " + ".join(run["meta"]["command"] for run in runs)
     meta["wall time"] = " + ".join(run["meta"]["wall time"] for run in runs)
@@ -180,6 +188,10 @@ def report_from_json(args) -> int:
     model, _ = load_model_arg(args.model, "float32")
     write_outputs(results, meta, model, Path(args.out))
     return 0
+
+
+def result_key(r: Result) -> tuple:
+    return r.engine, r.protocol, r.context_tokens, r.task, r.sample, r.method, r.compression
 
 
 def write_outputs(results: list[Result], meta: dict, model, out: Path) -> None:
