@@ -141,3 +141,16 @@ def test_a_reconstruction_profile_is_applied_by_compress_context_only(model):
     out = compiled.generate(input_ids=torch.cat([ids, context(5, seed=2)], dim=1), cache=cache, max_new_tokens=3,
                             do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == 208 and cache.get_seq_length() == 207
+
+
+def test_reconstruction_budgets_with_another_ranking_run_on_the_simulated_engine_only(model, tmp_path, monkeypatch,
+                                                                                      capsys):
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    tiny_profile(tmp_path, "reconstruction")
+    args = dict(methods=["full", "lukv-reconstruction:keydiff"], tasks=["passkey"], context_tokens=[300], samples=1,
+                compressions=[0.8], progress=False, prompt_format="plain")
+    simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
+    assert [r.method for r in simulated] == ["full", "lukv-reconstruction:keydiff"]
+    compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
+    assert [r.method for r in compiled] == ["full"]
+    assert "skipped lukv-reconstruction:keydiff: a cache holding a reconstruction profile" in capsys.readouterr().out

@@ -164,6 +164,11 @@ def available_methods(model, names: list[str], engine: str) -> tuple[list[Method
         if engine == "compiled" and method.scorer == ORACLE:
             notes.append(f"skipped {name}: the oracle runs on the simulated engine only")
             continue
+        ranking = method.profile.scorer if method.profile is not None else None
+        if engine == "compiled" and ranking == RECONSTRUCTION != method.scorer:
+            notes.append(f"skipped {name}: a cache holding a reconstruction profile is filled by compress_context "
+                         "only, so it runs with the reconstruction ranking (other rankings: simulated engine only)")
+            continue
         ok.append(method)
     return ok, notes
 
