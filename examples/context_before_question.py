@@ -2,8 +2,9 @@
 
 Loads SmolLM2-135M-Instruct and a ~1k-token document with a hidden passkey (the evaluation's passkey
 task), compresses the document alone into a LUKVCache with `lukv_compile.compress_context` (each token
-ranked by the utility the model draws from it while repeating the document; the SnapKV profile's LU-KV
-budgets), and only then asks the question: the compiled model continues from the compressed cache.
+ranked by the utility the model draws from it while repeating the document; the LU-KV budgets of the
+profile solved for that ranking), and only then asks the question: the compiled model continues from the
+compressed cache.
 
     python examples/context_before_question.py
     python examples/context_before_question.py --context 2048 --compression 0.9 --inner inductor
@@ -33,7 +34,7 @@ before, after = chat_parts(tokenizer, sample.question)
 document = torch.tensor([tokenizer.encode(before + sample.context, add_special_tokens=False)])
 question = torch.tensor([tokenizer.encode(after, add_special_tokens=False)])
 
-profile = lukv_compile.Profile.load(profile_path(model, "snapkv"))
+profile = lukv_compile.Profile.load(profile_path(model, "reconstruction"))
 cache = lukv_compile.LUKVCache(model.config, profile=profile, compression=args.compression)
 lukv_compile.compress_context(model, cache, document, lukv_compile.repeat_ids(tokenizer, sample.context))
 held, full = cache.nbytes(), lukv_compile.full_cache_nbytes(model.config, 1, document.shape[1], model.dtype)
