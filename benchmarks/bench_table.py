@@ -19,16 +19,22 @@ def ratio(x: float) -> str:
 
 def speed_table(rows: list[dict]) -> str:
     lines = ["| context | threads | KV MiB lukv / full | ratio | decode ms lukv / plain / static | decode vs plain "
-             "| decode vs static | generate s (prefill + 64) lukv / plain | generate vs plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| decode vs static | generate s (prefill + 64) lukv / plain / static | generate vs plain | vs static |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['context']} | {r['threads']} ({r['num_threads']}) | {mib(r['kv_bytes_lukv'])} / "
             f"{mib(r['kv_bytes_full'])} | {r['kv_bytes_ratio']:.3f} | {r['decode_ms_lukv']:.1f} / "
             f"{r['decode_ms_plain']:.1f} / {r['decode_ms_static']:.1f} | {ratio(r['tokens_per_s_ratio_lukv_plain'])} | "
-            f"{ratio(r['tokens_per_s_ratio_lukv_static'])} | {r['e2e_s_lukv']:.2f} / {r['e2e_s_plain']:.2f} | "
-            f"{ratio(r['e2e_speedup_lukv_plain'])} |")
+            f"{ratio(r['tokens_per_s_ratio_lukv_static'])} | {r['e2e_s_lukv']:.2f} / {r['e2e_s_plain']:.2f} / "
+            f"{optional(r, 'e2e_s_static', '.2f')} | {ratio(r['e2e_speedup_lukv_plain'])} | "
+            f"{optional(r, 'e2e_speedup_lukv_static', '.2f', 'x')} |")
     return "\n".join(lines)
+
+
+def optional(row: dict, field: str, spec: str, suffix: str = "") -> str:
+    """A field that rows written before it existed lack (static's generate: since issue 11's GPU check)."""
+    return f"{row[field]:{spec}}{suffix}" if field in row else "-"
 
 
 def prefill_table(rows: list[dict]) -> str:

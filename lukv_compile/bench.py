@@ -2,8 +2,8 @@
 
 bench runs three instances of the model (loaded separately, so no compiled state is shared) in one process:
   plain    transformers eager with its default DynamicCache, no compile: the main baseline;
-  static   transformers' StaticCache + torch.compile(model) with the same compiler as lukv (--inner,
-           default inductor): what a user compiles today;
+  static   transformers' StaticCache + torch.compile(model) with the same compiler and mode as lukv
+           (--inner, default inductor; --mode): what a user compiles today;
   lukv     torch.compile(model, backend="lukv", options={"inner": ...}) with a LUKVCache holding the
            shipped LU-KV SnapKV profile at --compression.
 Per thread setting (Dynamo is reset and everything recompiles: inductor's CPU kernels are built for the
@@ -13,11 +13,15 @@ thread count at compile time) and per context, on the same prompt:
              compiled model: the difference is the eviction work inside the prefill.
   decode     --steps steps with the argmax token fed back, interleaved lukv / plain / static step by step;
              medians over the steps after the first WARMUP_STEPS (those compile).
-  generate   prefill + --e2e-tokens new tokens (greedy, min = max new tokens), lukv vs plain, each after
-             a short warm-up generate.
+  generate   prefill + --e2e-tokens new tokens (greedy, min = max new tokens), each after a short warm-up
+             generate: lukv, plain, and static through transformers' own compiled generate (a StaticCache
+             with a `compile_config` of the same compiler and mode, on every device).
   attention  the decode attention op alone over the lukv cache's real storage vs full-cache SDPA.
   compile_s  per contender, the first prefill and the WARMUP_STEPS first decode steps minus the warm
              medians: compilation plus other first-call costs (about 0 for plain; noise can make it < 0).
+--device cuda --dtype bfloat16 --mode reduce-overhead runs the same on a GPU (CUDA graphs between lukv's
+attention calls); --weights random uses the model's architecture with random weights and random prompt
+tokens, for machines where the model package cannot be installed (timing only: the answers mean nothing).
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ import torch.nn.functional as F
 
 from lukv_compile.arguments import compression_arg, positive_int
 from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
-from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.models import MODELS
 from lukv_compile.profile import Profile
+from lukv_compile.settings import INDUCTOR_MODES, LUKVSettings
 from lukv_compile.warm import caching_disabled, save_warm_start, warm_start
 
 WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
@@ -46,6 +50,9 @@ WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, th
 DECODERS = ("lukv", "plain", "static")  # the three ways to run the model
 NO_EVICTION = "lukv_no_eviction"  # the lukv model on a compression-0 cache: prefill only
 GENERATE_WARMUP_TOKENS = 3
+DEVICES = ("cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHTS = ("real", "random")
 RECOMPILE_LIMIT = 64
 
 
@@ -129,16 +136,28 @@ class BenchOptions:
     prefill_repeats: int = 1
     e2e_tokens: int = 64
     regional: bool = False  # lukv compiles one decoder layer (options regional=True)
+    device: str = "cpu"
+    dtype: str = "float32"
+    mode: str | None = None  # inductor's mode for lukv and static
+    weights: str = "real"
 
     def __post_init__(self) -> None:
         if self.steps <= WARMUP_STEPS:
             raise ValueError(f"--steps must be more than the {WARMUP_STEPS} warm-up steps, got {self.steps}")
         if self.prefill_repeats < 1 or self.e2e_tokens < 1:
             raise ValueError("--prefill-repeats and --e2e-tokens must be at least 1")
+        LUKVSettings(inner=self.inner, mode=self.mode)  # the mode's own checks (inductor's modes, inner inductor)
+        for name, value, allowed in (("device", self.device, DEVICES), ("dtype", self.dtype, tuple(DTYPES)),
+                                     ("weights", self.weights, WEIGHTS)):
+            if value not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device here")
 
     @classmethod
     def from_args(cls, args) -> BenchOptions:
-        return cls(args.compression, args.inner, args.steps, args.prefill_repeats, args.e2e_tokens, args.regional)
+        return cls(args.compression, args.inner, args.steps, args.prefill_repeats, args.e2e_tokens, args.regional,
+                   args.device, args.dtype, args.mode, args.weights)
 
 
 @dataclass
@@ -153,7 +172,8 @@ def contenders(models: dict[str, Any], profile: Profile, opts: BenchOptions) -> 
     """lukv, its compression-0 twin (same compiled model), plain and static, from three model instances."""
     from transformers import DynamicCache, StaticCache
 
-    lukv = torch.compile(models["lukv"], backend="lukv", options={"inner": opts.inner, "regional": opts.regional})
+    lukv = torch.compile(models["lukv"], backend="lukv",
+                         options={"inner": opts.inner, "regional": opts.regional, "mode": opts.mode})
     config = models["lukv"].config
 
     def lukv_cache(compression: float) -> Callable[[int], LUKVCache]:
@@ -163,9 +183,19 @@ def contenders(models: dict[str, Any], profile: Profile, opts: BenchOptions) -> 
         "lukv": Contender(lukv, lukv_cache(opts.compression)),
         NO_EVICTION: Contender(lukv, lukv_cache(0.0)),
         "plain": Contender(models["plain"], lambda tokens: DynamicCache(config=models["plain"].config)),
-        "static": Contender(torch.compile(models["static"], backend=opts.inner),
+        "static": Contender(torch.compile(models["static"], backend=opts.inner, mode=opts.mode),
                             lambda tokens: StaticCache(config=models["static"].config, max_cache_len=tokens)),
     }
+
+
+def static_generate_config(opts: BenchOptions):
+    """transformers' own compiled generate for the static contender: `compile_config` with lukv's compiler
+    and mode, on every device (transformers compiles on its own only on accelerators)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=opts.inner, mode=opts.mode or "default")
+    config._compile_all_devices = True
+    return config
 
 
 def timed_step(contender: Contender, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -203,20 +233,26 @@ def measure_decode(runs: dict[str, Contender], state: dict, steps: int) -> dict[
     return times
 
 
-def generate_seconds(run: Contender, ids: torch.Tensor, new_tokens: int) -> float:
-    """Wall seconds of generate(): prefill + exactly `new_tokens` greedy tokens, on the contender's cache."""
+def generate_seconds(run: Contender, ids: torch.Tensor, new_tokens: int, room: int, **kwargs) -> float:
+    """Wall seconds of generate(): prefill + exactly `new_tokens` greedy tokens, on the contender's cache
+    made for `room` new tokens (the same size in the warm-up: a StaticCache's size is compiled in)."""
     start = time.perf_counter()
     run.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       cache=run.new_cache(ids.shape[1] + new_tokens), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens)
+                       cache=run.new_cache(ids.shape[1] + room), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, **kwargs)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def measure_generate(runs: dict[str, Contender], ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """End-to-end generate seconds of each contender, after a short warm-up generate of each."""
-    for run in runs.values():
-        generate_seconds(run, ids, min(GENERATE_WARMUP_TOKENS, new_tokens))
-    return {name: generate_seconds(run, ids, new_tokens) for name, run in runs.items()}
+def measure_generate(runs: dict[str, Contender], ids: torch.Tensor, new_tokens: int,
+                     kwargs: dict[str, dict]) -> dict[str, float]:
+    """End-to-end generate seconds of each contender (generate keywords `kwargs[name]`), after a short
+    warm-up generate of each."""
+    for name, run in runs.items():
+        generate_seconds(run, ids, min(GENERATE_WARMUP_TOKENS, new_tokens), new_tokens, **kwargs.get(name, {}))
+    return {name: generate_seconds(run, ids, new_tokens, new_tokens, **kwargs.get(name, {}))
+            for name, run in runs.items()}
 
 
 def decode_fields(decode: dict[str, list[float]]) -> dict:
@@ -235,8 +271,8 @@ def prefill_fields(prefill: dict[str, list[float]]) -> dict:
 
 
 def generate_fields(e2e: dict[str, float]) -> dict:
-    return {"e2e_s_lukv": e2e["lukv"], "e2e_s_plain": e2e["plain"],
-            "e2e_speedup_lukv_plain": e2e["plain"] / e2e["lukv"]}
+    return {**{f"e2e_s_{name}": seconds for name, seconds in e2e.items()},
+            **{f"e2e_speedup_lukv_{base}": e2e[base] / e2e["lukv"] for base in ("plain", "static")}}
 
 
 def compile_fields(prefill: dict[str, list[float]], decode: dict[str, list[float]]) -> dict:
@@ -257,7 +293,7 @@ def kv_fields(cache: LUKVCache, config, tokens: int, dtype: torch.dtype) -> dict
 
 def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOptions) -> dict:
     """Every measurement of one prompt `ids` [1, T] (see the module docstring); one flat row."""
-    tokens = ids.shape[1] + opts.steps
+    tokens, ids = ids.shape[1] + opts.steps, ids.to(opts.device)
     decoders = {name: runs[name] for name in DECODERS}
     with torch.no_grad():
         say(f"  prefill x{1 + opts.prefill_repeats} each (the first compiles): {', '.join(runs)} ...")
@@ -265,8 +301,10 @@ def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOpti
         say(f"  decode {opts.steps} steps interleaved ({WARMUP_STEPS} warm-up): {', '.join(DECODERS)} ...")
         del state[NO_EVICTION]  # its uncompressed cache is not decoded from
         decode = measure_decode(decoders, state, opts.steps)
-        say(f"  generate prefill + {opts.e2e_tokens} tokens: lukv, plain ...")
-        e2e = measure_generate({name: runs[name] for name in ("lukv", "plain")}, ids, opts.e2e_tokens)
+        say(f"  generate prefill + {opts.e2e_tokens} tokens: {', '.join(DECODERS)} ...")
+        static = Contender(runs["static"].model._orig_mod, runs["static"].new_cache)  # transformers compiles it
+        e2e = measure_generate(decoders | {"static": static}, ids, opts.e2e_tokens,
+                               {"static": {"compile_config": static_generate_config(opts)}})
     say("  decode attention op alone: lukv storage vs full-cache SDPA ...")
     cache, model = state["lukv"][0], runs["plain"].model
     return {"prompt_tokens": ids.shape[1], **asdict(opts), "decode_steps_timed": opts.steps - WARMUP_STEPS,
@@ -278,22 +316,27 @@ def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOpti
 def bench_attention(cache: LUKVCache, config, context: int, repeats: int = 15) -> dict:
     """The decode attention op alone over every layer's real ragged storage vs full-cache SDPA, interleaved."""
     hq, h, d = config.num_attention_heads, config.num_key_value_heads, cache.head_dim
-    stores = [layer.store for layer in cache.layers if isinstance(layer, RaggedLayer)]
-    q = torch.randn(1, hq, 1, d)
-    k_full, v_full = torch.randn(1, h, context, d), torch.randn(1, h, context, d)
+    layers = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
+    like = {"device": layers[0].store.device, "dtype": layers[0].store.keys.dtype}
+    q = torch.randn(1, hq, 1, d, **like)
+    k_full, v_full = torch.randn(1, h, context, d, **like), torch.randn(1, h, context, d, **like)
     scale, one_token = d ** -0.5, np.ones(1, dtype=np.int64)
     ours, full = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        for store in stores:
-            segment_attention(q, store.keys, store.values, store.start, store.length, one_token, scale)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in stores:
-            F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
-        full.append(time.perf_counter() - start)
+        ours.append(seconds_of(lambda: [layer.attend_stored(q, one_token, scale) for layer in layers]))
+        full.append(seconds_of(lambda: [F.scaled_dot_product_attention(q, k_full, v_full, enable_gqa=True)
+                                        for _ in layers]))
     return {"attention_ms_lukv": median_ms(ours), "attention_ms_full_sdpa": median_ms(full),
             "attention_speedup": median_ms(full) / median_ms(ours)}
+
+
+def seconds_of(work: Callable[[], Any]) -> float:
+    """Wall seconds of `work()`, waiting for the GPU when there is one."""
+    start = time.perf_counter()
+    work()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def thread_settings(spec: str) -> list[tuple[str, int]]:
@@ -324,6 +367,14 @@ def bench_threads(models: dict[str, Any], profile: Profile, prompt_ids: Callable
                **bench_context(runs, prompt_ids(context), opts)}
 
 
+def random_ids(vocab_size: int) -> Callable[[int], torch.Tensor]:
+    """context -> random token ids [1, context] (seeded by the length), for random weights."""
+    def ids(context: int) -> torch.Tensor:
+        return torch.randint(3, vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
+
+    return ids
+
+
 def passkey_ids(tokenizer) -> Callable[[int], torch.Tensor]:
     """context -> the input ids [1, <= context] of a passkey prompt of that length."""
     def ids(context: int) -> torch.Tensor:
@@ -346,16 +397,21 @@ def report(rows: Iterator[dict], result: dict, path: str | None) -> dict:
 def run_bench(args) -> None:
     import transformers
 
-    from lukv_compile.models import load_model
+    from lukv_compile.models import load_model, random_model
 
     opts, settings = BenchOptions.from_args(args), thread_settings(args.threads)
-    models = {}
+    dtype, models = DTYPES[opts.dtype], {}
     for name in DECODERS:  # one instance each: no compiled state shared
-        say(f"loading {args.model} for {name} ...")
-        models[name], tokenizer = load_model(args.model)
+        say(f"loading {args.model} ({opts.weights} weights, {opts.dtype}) for {name} on {opts.device} ...")
+        if opts.weights == "random":
+            models[name] = random_model(args.model, dtype).to(opts.device)
+        else:
+            models[name], tokenizer = load_model(args.model, dtype)
+            models[name].to(opts.device)
     profile = shipped_profile(models["lukv"])
+    prompt_ids = random_ids(models["lukv"].config.vocab_size) if opts.weights == "random" else passkey_ids(tokenizer)
     rows = (row for label, threads in settings
-            for row in bench_threads(models, profile, passkey_ids(tokenizer), args.contexts, opts, label, threads))
+            for row in bench_threads(models, profile, prompt_ids, args.contexts, opts, label, threads))
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     report(rows, {"model": args.model, "profile": profile.calibration, **versions}, args.json)
 
@@ -392,5 +448,12 @@ def add_bench(sub) -> None:
                    help="torch thread counts to run, comma-separated; 'default' is torch's own count")
     p.add_argument("--regional", action="store_true",
                    help="compile lukv one decoder layer at a time (options regional=True); static stays whole-model")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the three models run (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model dtype (default float32)")
+    p.add_argument("--mode", default=None, choices=INDUCTOR_MODES,
+                   help="inductor's mode for lukv and static (reduce-overhead: CUDA graphs; needs --inner inductor)")
+    p.add_argument("--weights", default="real", choices=WEIGHTS,
+                   help="real: the installed model and a passkey prompt; random: its architecture with random "
+                        "weights and random tokens (timing only, where the model package is not installed)")
     p.add_argument("--json", help="also write the results to this file (rewritten after every row)")
     p.set_defaults(func=run_bench)

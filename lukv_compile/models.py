@@ -65,6 +65,32 @@ _ARCH_FIELDS = (
 )
 
 
+# SmolLM2-135M-Instruct's architecture, copied from its config.json: the same model with random weights,
+# for speed checks where the model package cannot be installed (the GPU check's machine). Its config
+# fingerprint equals the real model's, so the shipped profiles apply.
+SMOLLM2_ARCHITECTURE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+
+
+def random_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """Model `name`'s architecture with random weights (seeded), in eval mode: for timing, not answers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _spec(name)
+    if name != "smollm2":
+        raise ValueError(f"random weights are available for smollm2 only, got {name!r}")
+    config = LlamaConfig(**SMOLLM2_ARCHITECTURE)
+    config.name_or_path = MODELS[name].model_id
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
 def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; allowed: {sorted(MODELS)}")

@@ -3,7 +3,7 @@
 Both routes in end here: the backend's `options={...}` (`torch.compile(model, backend="lukv", options=...)`,
 `model.compile(...)`) and `LUKVCache(config, compression=..., ...)`. The cache carries the settings; the
 compiled ops read them from the cache at run time, so nothing of the policy is baked into a graph and
-changing it never recompiles. The backend itself only reads `inner`; the compile hooks read `regional`.
+changing it never recompiles. The backend itself only reads `inner` and `mode`; the compile hooks read `regional`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from lukv_compile.profile import Profile
 from lukv_compile.scorers import SCORERS
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+# inductor's modes (torch._inductor.list_mode_options). torch.compile takes `mode=` or `options=`, not both,
+# so lukv takes the mode as an option too. "reduce-overhead" captures CUDA graphs around lukv::attend,
+# which runs outside them (it reads host metadata and reshapes the storage).
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CACHE_POLICIES = ("lukv", "adakv")
 # When eviction runs: after the first forward of a sequence (the prompt, the paper's protocol), also after
 # every later multi-token forward (a new turn, a chunk), or also while decoding (a head is compressed
@@ -48,6 +52,7 @@ class LUKVSettings:
     allow_other_model: bool = False
     inner: str = "inductor"
     regional: bool = False  # compile one decoder layer instead of the whole model (regional.py)
+    mode: str | None = None  # inductor's mode (INDUCTOR_MODES); None: inductor's default
 
     def __post_init__(self) -> None:
         c = self.compression
@@ -68,6 +73,10 @@ class LUKVSettings:
                  "it must be True or False")
         _require(isinstance(self.regional, bool), "regional", self.regional, "it must be True or False")
         _require(self.inner in INNER_COMPILERS, "inner", self.inner, f"choose one of {', '.join(INNER_COMPILERS)}")
+        _require(self.mode is None or self.mode in INDUCTOR_MODES, "mode", self.mode,
+                 f"choose None or one of {', '.join(INDUCTOR_MODES)}")
+        _require(self.mode is None or self.inner == "inductor", "mode", self.mode,
+                 f"a mode is inductor's: it needs inner='inductor', got inner={self.inner!r}")
         profile = self.profile
         if isinstance(profile, (str, Path)):
             object.__setattr__(self, "profile", Profile.load(profile))

@@ -300,6 +300,8 @@ def test_backend_registered_once_both_ways():
     ({"policy": "pyramid"}, "policy='pyramid' is not allowed"),
     ({"evict": "sometimes"}, "evict='sometimes' is not allowed"),
     ({"profile": 3}, "profile='int' is not allowed"),
+    ({"mode": "fast"}, "mode='fast' is not allowed"),
+    ({"mode": "reduce-overhead", "inner": "aot_eager"}, "needs inner='inductor'"),
 ])
 def test_bad_options_raise_at_compile_call(options, message):
     model = tiny_model("llama")
@@ -308,6 +310,26 @@ def test_bad_options_raise_at_compile_call(options, message):
     with pytest.raises(ValueError, match=message):
         model.compile(backend="lukv", options=options)
     assert counters["lukv"]["graphs_compiled"] == 0
+
+
+def test_mode_reaches_inductor_with_cuda_graphs_partitioned_around_attend(monkeypatch):
+    """options={"mode": ...} (torch.compile takes mode= or options=, not both) becomes inductor's config;
+    with CUDA graphs, partitioned around lukv::attend, which is tagged unsafe to capture."""
+    import torch._inductor.compile_fx as compile_fx
+
+    patches = []
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, inputs, config_patches=None: (
+        patches.append(config_patches), gm.forward)[1])
+    model = tiny_model("llama")
+    ids = torch.randint(1, 100, (1, 8))
+    compiled = torch.compile(model, backend="lukv", options={"compression": 0.0, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        logits = compiled(input_ids=ids, cache=LUKVCache(model.config, compression=0.0)).logits
+        expected = model(input_ids=ids, cache=DynamicCache(config=model.config)).logits
+    torch.testing.assert_close(logits, expected)
+    assert patches == [{"triton.cudagraphs": True, "graph_partition": True}]
+    assert torch.Tag.cudagraph_unsafe in torch.ops.lukv.attend.default.tags
+    assert counters["lukv"]["sdpa_rewritten"] == model.config.num_hidden_layers
 
 
 def test_no_cache_is_a_clear_error_not_a_silent_uncompressed_run():

@@ -20,7 +20,7 @@ POSITIVE = [
     "decode_steps_timed", "kv_bytes_lukv", "kv_bytes_full", "kv_bytes_ratio", *PER_DECODER,
     "tokens_per_s_ratio_lukv_plain", "tokens_per_s_ratio_lukv_static",
     "prefill_s_lukv", "prefill_s_lukv_no_eviction", "prefill_s_plain", "prefill_s_static",
-    "e2e_s_lukv", "e2e_s_plain", "e2e_speedup_lukv_plain",
+    "e2e_s_lukv", "e2e_s_plain", "e2e_s_static", "e2e_speedup_lukv_plain", "e2e_speedup_lukv_static",
     "attention_ms_lukv", "attention_ms_full_sdpa", "attention_speedup",
 ]
 DIFFERENCES = ["prefill_eviction_s", "prefill_eviction_share_of_plain"]  # of two timings: may be < 0 from noise
@@ -49,6 +49,8 @@ def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys, regional):
     result = bench.report(rows, {"model": "tiny"}, str(out))
 
     assert json.loads(out.read_text()) == result
+    # static's generate went through transformers' own compiled decode (its compile_config), as on a GPU
+    assert models["static"]._last_compile_config.backend == "aot_eager"
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == result["rows"] and [r["context"] for r in printed] == [64, 128]
     for row in printed:
@@ -67,7 +69,8 @@ def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys, regional):
                 row["tokens_per_s_lukv"] / row[f"tokens_per_s_{base}"])
         assert row["kv_bytes_ratio"] == pytest.approx(row["kv_bytes_lukv"] / row["kv_bytes_full"])
         assert row["kv_bytes_lukv"] < row["kv_bytes_full"]  # compression 0.8 keeps about a fifth (+ sink, window)
-        assert row["e2e_speedup_lukv_plain"] == pytest.approx(row["e2e_s_plain"] / row["e2e_s_lukv"])
+        for base in ("plain", "static"):
+            assert row[f"e2e_speedup_lukv_{base}"] == pytest.approx(row[f"e2e_s_{base}"] / row["e2e_s_lukv"])
         assert row["attention_speedup"] == pytest.approx(row["attention_ms_full_sdpa"] / row["attention_ms_lukv"])
         assert row["prefill_eviction_s"] == pytest.approx(row["prefill_s_lukv"] - row["prefill_s_lukv_no_eviction"])
         assert row["prefill_eviction_share_of_plain"] == pytest.approx(
@@ -87,3 +90,28 @@ def test_bench_arguments_and_thread_settings():
         bench.thread_settings("1,many")
     with pytest.raises(ValueError, match="--steps"):
         bench.BenchOptions(steps=bench.WARMUP_STEPS)
+    gpu = build_parser().parse_args(["bench", "--device", "cpu", "--dtype", "bfloat16", "--mode", "reduce-overhead",
+                                     "--weights", "random"])
+    assert bench.BenchOptions.from_args(gpu) == bench.BenchOptions(dtype="bfloat16", mode="reduce-overhead",
+                                                                   weights="random")
+    with pytest.raises(ValueError, match="mode='reduce-overhead'.*needs inner='inductor'"):
+        bench.BenchOptions(inner="aot_eager", mode="reduce-overhead")
+    with pytest.raises(ValueError, match="--weights must be one of real, random, got 'fake'"):
+        bench.BenchOptions(weights="fake")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA device"):
+            bench.BenchOptions(device="cuda")
+
+
+def test_random_weights_model_has_the_real_architecture():
+    """`--weights random` (the GPU check) builds SmolLM2's shape: the shipped profiles apply to it."""
+    from lukv_compile.eval.methods import shipped_profile
+    from lukv_compile.models import config_fingerprint, random_model
+
+    model = random_model("smollm2", torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert shipped_profile(model, "snapkv").fingerprint == config_fingerprint(model.config)
+    ids = bench.random_ids(model.config.vocab_size)(16)
+    assert ids.shape == (1, 16) and torch.equal(ids, bench.random_ids(model.config.vocab_size)(16))
+    with pytest.raises(ValueError, match="smollm2 only"):
+        random_model("gemma3")

@@ -34,7 +34,9 @@ def _(k, v, handle, layer_idx):
     return torch.empty_like(k), torch.empty_like(v)
 
 
-@torch.library.custom_op("lukv::attend", mutates_args=())
+# cudagraph_unsafe: under mode="reduce-overhead" inductor captures CUDA graphs between the attend calls
+# (graph partitions) and runs attend itself eagerly: a replayed graph would skip its host-side work.
+@torch.library.custom_op("lukv::attend", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, handle: Tensor,
            layer_idx: int, scale: float) -> Tensor:
     return handles.layer(handle, layer_idx).attend(q, k, v, attn_mask, is_causal, scale)
