@@ -23,6 +23,11 @@ def int_at_least(minimum: int):
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1 ("1024,4096")."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def compression_arg(text: str) -> float:
     try:
         return check_compression(float(text))

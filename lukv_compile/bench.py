@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.arguments import compression_arg, positive_int
+from lukv_compile.arguments import compression_arg, positive_int, positive_ints
 from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
 from lukv_compile.models import MODELS
 from lukv_compile.profile import Profile
@@ -435,7 +435,7 @@ def add_demo(sub) -> None:
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="KV bytes, prefill, decode and generate time: LU-KV vs plain and static")
     p.add_argument("--model", default="smollm2", help=f"registered model name ({', '.join(MODELS)}; default smollm2)")
-    p.add_argument("--contexts", type=lambda s: [positive_int(x) for x in s.split(",")], default=[1024, 4096, 8192],
+    p.add_argument("--contexts", type=positive_ints, default=[1024, 4096, 8192],
                    help="comma-separated prompt lengths in tokens (default 1024,4096,8192)")
     p.add_argument("--compression", type=compression_arg, default=0.8,
                    help="fraction of the prompt's KV removed, in [0, 1) (default 0.8)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lukv_compile.arguments import compression_arg, non_negative_int, positive_int
+from lukv_compile.arguments import compression_arg, non_negative_int, positive_int, positive_ints
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
@@ -48,8 +48,10 @@ def add_profile(sub) -> None:
     p.add_argument("--questions", type=positive_int, default=None, help="use the first N calibration questions "
                    "(default: all)")
     p.add_argument("--k-max", type=positive_int, default=64, help="sampled decode steps per question (default 64)")
-    p.add_argument("--context-tokens", type=positive_int, default=4096,
-                   help="calibration context length in tokens (default 4096)")
+    p.add_argument("--context-tokens", type=positive_ints, default=[4096],
+                   help="calibration context length(s) in tokens, comma-separated (default 4096); a length shorter "
+                        "than the calibration text asks each question after the window of that length holding the "
+                        "passage it quotes, and every (window, question) counts once in the average")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "

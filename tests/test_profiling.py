@@ -32,7 +32,7 @@ from lukv_compile.profiling import (
 )
 from lukv_compile.profiling.oracle import value_output_weights
 from lukv_compile.profiling.reconstruction import reconstruction_utility, repeat_ids
-from lukv_compile.profiling.run import TEMPERATURE
+from lukv_compile.profiling.run import TEMPERATURE, Window, calibration_windows
 from lukv_compile.selection import protect_and_mask, select_tokens
 from lukv_compile.solver import build_head_graph, unit_attr
 
@@ -254,6 +254,42 @@ def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(mode
                                eos_token_ids(model, tokenizer)).importance
     np.testing.assert_allclose(made["reconstruction"].curves[0], cum_losses(oracle, eviction_order(ranking, 4, 1)))
     assert not np.allclose(made["reconstruction"].curves[0], made["keydiff"].curves[0]), "the ranking should matter"
+
+
+WINDOWED_CONTEXT = ("x" * 10 + "The cat sat on the mat." + "y" * 57 + "A dog ran in the park." + "z" * 8)  # 120 chars
+WINDOWED_QUESTIONS = ['Which word is missing? "The ____ sat on the mat."', 'Which? "A ____ ran in the park."']
+
+
+def test_shorter_lengths_ask_each_question_after_the_window_holding_its_passage(tokenizer):
+    calib = calibration_inputs(tokenizer, WINDOWED_CONTEXT, WINDOWED_QUESTIONS + ["Who?"])
+    assert calib.spans == [(10, 33), (90, 112), None]  # one token per character
+    placed = calibration_inputs(tokenizer, WINDOWED_CONTEXT, WINDOWED_QUESTIONS)
+    assert calibration_windows(placed, [120, 60, 500]) == [Window(0, 60, (0,)), Window(60, 60, (1,)),
+                                                           Window(0, 120, (0, 1))]
+    # a passage crossing the grid's window end moves that window back just enough
+    assert calibration_windows(placed, [100]) == [Window(0, 100, (0,)), Window(12, 100, (1,))]
+    assert calibration_windows(calib, [120]) == [Window(0, 120, (0, 1, 2))]
+    with pytest.raises(ValueError, match=r"questions \[2\] do not"):
+        calibration_windows(calib, [60])
+
+
+def test_several_lengths_average_every_window_and_question(model, tokenizer):
+    """context_tokens=[60, 120]: the mean over (window, question) samples of the one-window profiles."""
+    kwargs = dict(k_max=2, progress=False)
+    both = profile_model(model, tokenizer, "keydiff", context=WINDOWED_CONTEXT, questions=WINDOWED_QUESTIONS,
+                         context_tokens=[60, 120], **kwargs)
+    first = profile_model(model, tokenizer, "keydiff", context=WINDOWED_CONTEXT[:60], questions=WINDOWED_QUESTIONS[:1],
+                          seed=0, **kwargs)
+    second = profile_model(model, tokenizer, "keydiff", context=WINDOWED_CONTEXT[60:], questions=WINDOWED_QUESTIONS[1:],
+                           seed=1, **kwargs)
+    whole = profile_model(model, tokenizer, "keydiff", context=WINDOWED_CONTEXT, questions=WINDOWED_QUESTIONS, **kwargs)
+    np.testing.assert_allclose(both.prune, (first.prune + second.prune + 2 * whole.prune) / 4, atol=1e-6)
+    calibration = json.loads(both.calibration)
+    assert calibration["context_lengths"] == [60, 120] and calibration["windows"] == [[0, 60, 1], [60, 60, 1],
+                                                                                      [0, 120, 2]]
+    with pytest.raises(ValueError, match="keep_curves needs one context length"):
+        profile_scorers(model, tokenizer, ["keydiff"], context=WINDOWED_CONTEXT, questions=WINDOWED_QUESTIONS,
+                        context_tokens=[60, 120], keep_curves=True, **kwargs)
 
 
 def test_sliding_layers_get_no_budget_and_the_runtime_agrees(tokenizer):

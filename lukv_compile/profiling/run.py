@@ -2,6 +2,10 @@
 
 The context is prefilled once (that is where the time goes) and its q/k/v, scores and cache are
 reused for every question; only the question and its sampled decode steps are run per question.
+Several context lengths (`context_tokens=[1024, 4096]`): a length that covers the calibration text asks
+every question after all of it; a shorter one asks each question after the window of that length that
+holds the sentence it quotes (`calibration_windows`), so every question stays answerable at every length.
+Each (window, question) is one sample of the average.
 Per (context, question) the solver sweeps all 99 compression ratios over the model's head graph
 (`head_graph`: sliding-window layers, which the cache leaves exact, get no budget and prune 0, so
 compression rho removes rho of the compressed layers' tokens); the prune fractions are averaged over
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,11 +44,25 @@ RECONSTRUCTION_PROMPT = f"the context, then '\\n\\n{REPEAT_REQUEST}', then the c
 CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
 
 
+# A calibration question that quotes a passage of the context with a name blanked out (the shipped set).
+QUOTED_BLANK = re.compile(r'"([^"]*)____([^"]*)"')
+
+
 @dataclass
 class Calibration:
     context_ids: torch.Tensor  # [T]
     question_ids: list[torch.Tensor]  # one [T_q] tensor per question
     name: str
+    spans: list[tuple[int, int] | None]  # each question's quoted passage as a token range [a, b) of the context
+
+
+@dataclass(frozen=True)
+class Window:
+    """A stretch of the calibration context and the questions asked after it."""
+
+    start: int
+    length: int
+    questions: tuple[int, ...]
 
 
 @dataclass
@@ -67,10 +87,46 @@ def calibration_inputs(tokenizer, context: str | None = None, questions: Sequenc
         questions = questions[:num_questions]
     if not questions:
         raise ValueError("need at least one calibration question")
-    context_ids = torch.tensor(tokenizer(context)["input_ids"][:context_tokens], dtype=torch.long)
+    encoded = tokenizer(context, return_offsets_mapping=True)
+    context_ids = torch.tensor(encoded["input_ids"][:context_tokens], dtype=torch.long)
+    offsets = encoded["offset_mapping"][:context_tokens]
     question_ids = [torch.tensor(tokenizer(QUESTION_TEMPLATE.format(question=q), add_special_tokens=False)["input_ids"],
                                  dtype=torch.long) for q in questions]
-    return Calibration(context_ids, question_ids, name)
+    return Calibration(context_ids, question_ids, name, [quoted_span(q, context, offsets) for q in questions])
+
+
+def quoted_span(question: str, context: str, offsets: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """Token range [a, b) of the context passage `question` quotes with a blank ("... ____ ..."); None when
+    the question quotes none, or the passage is not inside the tokenised context."""
+    quoted = QUOTED_BLANK.search(question)
+    found = quoted and re.search(re.escape(quoted[1]) + r".{1,60}?" + re.escape(quoted[2]), context, flags=re.S)
+    if not found:
+        return None
+    tokens = [i for i, (a, b) in enumerate(offsets) if a < found.end() and b > found.start()]
+    return (tokens[0], tokens[-1] + 1) if tokens and offsets[-1][1] >= found.end() else None
+
+
+def calibration_windows(calib: Calibration, lengths: Sequence[int]) -> list[Window]:
+    """The (window, questions) pairs to profile: per length, the whole context when the length covers it;
+    else each question after the window of a fixed grid (0, L, 2L, ...) holding its quoted passage, moved
+    back just enough when the passage crosses the window's end."""
+    t, everyone = calib.context_ids.numel(), tuple(range(len(calib.question_ids)))
+    windows = []
+    for length in sorted({min(length, t) for length in lengths}):  # lengths covering the context are one
+        if length == t:
+            windows.append(Window(0, t, everyone))
+            continue
+        unplaced = [i for i, span in enumerate(calib.spans) if span is None]
+        if unplaced:
+            raise ValueError(f"context length {length} is shorter than the {t}-token calibration context, so "
+                             f"each question must quote a passage of it (\"... ____ ...\"); questions {unplaced} "
+                             "do not, or quote one outside it")
+        starts = defaultdict(list)
+        for i, (a, b) in enumerate(calib.spans):
+            start = min(a // length * length, t - length)
+            starts[max(start, b - length)].append(i)
+        windows += [Window(start, length, tuple(asked)) for start, asked in sorted(starts.items())]
+    return windows
 
 
 def min_keep(context_len: int, sink: int, window: int) -> int:
@@ -142,12 +198,13 @@ def init_distributed() -> tuple[int, int]:
 
 def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAULT_SINK, window: int | None = None,
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
-                    context_tokens: int = 4096, num_questions: int | None = None, scope: str = "global",
-                    seed: int = 0, keep_curves: bool = False, progress: bool = True,
+                    context_tokens: int | Sequence[int] = 4096, num_questions: int | None = None,
+                    scope: str = "global", seed: int = 0, keep_curves: bool = False, progress: bool = True,
                     shards: int = 1) -> dict[str, ProfileResult]:
     """One oracle run, one Profile per scorer (window None: each scorer's default window).
 
-    shards > 1: tensor-parallel profile, every shard's kept tokens within 5% of the others'.
+    context_tokens: one length, or several (module docstring). shards > 1: tensor-parallel profile, every
+    shard's kept tokens within 5% of the others'.
     """
     from lukv_compile.models import config_fingerprint, model_identity
 
@@ -159,56 +216,74 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     graph = head_graph(model.config, shards)
     excluded = graph.graph["excluded_layers"]
-    calib = calibration_inputs(tokenizer, context, questions, context_tokens, num_questions)
-    t = calib.context_ids.numel()
-    for s in scorers:
-        check_protection(t, sink, windows[s])
+    lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"context_tokens must be lengths >= 1, got {context_tokens}")
+    calib = calibration_inputs(tokenizer, context, questions, max(lengths), num_questions)
+    parts = calibration_windows(calib, lengths)
+    if keep_curves and len(parts) > 1:
+        raise ValueError(f"keep_curves needs one context length covering the context, got {len(parts)} windows")
+    for part in parts:
+        for s in scorers:
+            check_protection(part.length, sink, windows[s])
     rank, world = init_distributed()
 
-    record = record_prefill(model, calib.context_ids)
-    orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, calib), sink, windows[s])
-              for s in scorers}
-    sums = {s: np.zeros((NUM_RATIOS, record.num_layers, record.num_kv_heads)) for s in scorers}
+    sums = {s: np.zeros((NUM_RATIOS, graph.graph["num_layers"], graph.graph["num_kv_heads"])) for s in scorers}
     curves = {s: {} for s in scorers}
     steps = 0
     eos = eos_token_ids(model, tokenizer)
-    mine = range(rank, len(calib.question_ids), world)
-    for i in tqdm(mine, desc="profiling questions", disable=not progress or rank != 0):
-        result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos,
-                                   skip_layers=excluded)
-        steps += result.generated.numel()
-        for s in scorers:
-            c = cum_losses(result.importance, orders[s])
-            sums[s] += prune_fractions(c, t, sink, windows[s], graph, scope)
-            if keep_curves:
-                curves[s][i] = c
-    del record
+    samples = [(part, i) for part in parts for i in part.questions]
+    mine = samples[rank::world]
+    bar = tqdm(total=len(mine), desc="profiling questions", disable=not progress or rank != 0)
+    for part in parts:
+        asked = [i for p, i in mine if p is part]
+        if not asked:
+            continue
+        context_ids = calib.context_ids[part.start:part.start + part.length]
+        record = record_prefill(model, context_ids)
+        orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, context_ids), sink, windows[s])
+                  for s in scorers}
+        for i in asked:
+            result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos,
+                                       skip_layers=excluded)
+            steps += result.generated.numel()
+            for s in scorers:
+                c = cum_losses(result.importance, orders[s])
+                sums[s] += prune_fractions(c, part.length, sink, windows[s], graph, scope)
+                if keep_curves:
+                    curves[s][i] = c
+            bar.update()
+        del record
+    bar.close()
     steps = _all_reduce(sums, steps, world)
-    n = len(calib.question_ids)
+    n = len(samples)
     description = json.dumps({
-        "text": calib.name, "context_tokens": t, "questions": n, "k_max": k_max, "temperature": TEMPERATURE,
-        "seed": seed, "mean_decode_steps": round(steps / n, 2), "question_template": QUESTION_TEMPLATE,
-        "shards": shards,
-    } | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}))
+        "text": calib.name, "context_tokens": calib.context_ids.numel(), "questions": len(calib.question_ids),
+        "k_max": k_max, "temperature": TEMPERATURE, "seed": seed, "mean_decode_steps": round(steps / n, 2),
+        "question_template": QUESTION_TEMPLATE, "shards": shards,
+    } | ({"context_lengths": sorted(set(lengths)), "windows": [[p.start, p.length, len(p.questions)] for p in parts]}
+         if len(parts) > 1 else {})
+      | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}))
     identity, fingerprint = model_identity(model), config_fingerprint(model.config)
     results = {}
     for s in scorers:
         profile = Profile(mean_fractions(sums[s], n), scorer=s, sink=sink, window=windows[s], model=identity,
                           fingerprint=fingerprint, calibration=description, scope=scope, excluded_layers=excluded)
         gathered = _gather_curves(curves[s], world) if keep_curves else None
-        results[s] = ProfileResult(profile, None if gathered is None else np.stack([gathered[i] for i in range(n)]))
+        stacked = None if gathered is None else np.stack([gathered[i] for i in sorted(gathered)])
+        results[s] = ProfileResult(profile, stacked)
     return results
 
 
-def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, calib: Calibration) -> torch.Tensor:
-    """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context.
+def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, context_ids: torch.Tensor) -> torch.Tensor:
+    """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context `context_ids` [T].
 
     reconstruction: the context (plain text, as calibrated) followed by the request to repeat it, with the
     context's own tokens teacher-forced as the answer.
     """
     if name == RECONSTRUCTION:
         special = set(tokenizer.all_special_ids)
-        answer = [t for t in calib.context_ids.tolist() if t not in special]
+        answer = [t for t in context_ids.tolist() if t not in special]
         return reconstruction_utility(model, record, request_ids(tokenizer, chat=False) + answer)
     return layer_scores(name, record.q, record.k, record.v, record.scaling, layer_ropes(model.config))
 
