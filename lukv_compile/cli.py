@@ -49,9 +49,10 @@ def add_profile(sub) -> None:
                    "(default: all)")
     p.add_argument("--k-max", type=positive_int, default=64, help="sampled decode steps per question (default 64)")
     p.add_argument("--context-tokens", type=positive_ints, default=[4096],
-                   help="calibration context length(s) in tokens, comma-separated (default 4096); a length shorter "
-                        "than the calibration text asks each question after the window of that length holding the "
-                        "passage it quotes, and every (window, question) counts once in the average")
+                   help="calibration context length(s) in tokens, comma-separated (default 4096): one length L "
+                        "uses the text's first L tokens; with several, the text is cut at the longest and each "
+                        "shorter length asks each question after the window of that length holding the passage it "
+                        "quotes; every (window, question) counts once in the average")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "

@@ -272,6 +272,19 @@ def test_shorter_lengths_ask_each_question_after_the_window_holding_its_passage(
     with pytest.raises(ValueError, match=r"questions \[2\] do not"):
         calibration_windows(calib, [60])
 
+    class SlowTokenizer:  # no offsets: nothing is placed, one length still works
+        is_fast = False
+
+        def __call__(self, text, **kwargs):
+            assert "return_offsets_mapping" not in kwargs
+            return tokenizer(text, **kwargs)
+
+    slow = calibration_inputs(SlowTokenizer(), WINDOWED_CONTEXT, WINDOWED_QUESTIONS)
+    assert slow.spans == [None, None] and torch.equal(slow.context_ids, placed.context_ids)
+    assert calibration_windows(slow, [120]) == [Window(0, 120, (0, 1))]
+    with pytest.raises(ValueError, match="gives no offsets"):
+        calibration_windows(slow, [60, 120])
+
 
 def test_several_lengths_average_every_window_and_question(model, tokenizer):
     """context_tokens=[60, 120]: the mean over (window, question) samples of the one-window profiles."""

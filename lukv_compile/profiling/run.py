@@ -2,10 +2,10 @@
 
 The context is prefilled once (that is where the time goes) and its q/k/v, scores and cache are
 reused for every question; only the question and its sampled decode steps are run per question.
-Several context lengths (`context_tokens=[1024, 4096]`): a length that covers the calibration text asks
-every question after all of it; a shorter one asks each question after the window of that length that
-holds the sentence it quotes (`calibration_windows`), so every question stays answerable at every length.
-Each (window, question) is one sample of the average.
+One length L calibrates on the text's first L tokens. Several (`context_tokens=[1024, 4096]`): the text
+is cut at the longest; that length asks every question after all of it, each shorter one after the window
+of that length holding the passage the question quotes (`calibration_windows`), so every question stays
+answerable at every length. Each (window, question) is one sample of the average.
 Per (context, question) the solver sweeps all 99 compression ratios over the model's head graph
 (`head_graph`: sliding-window layers, which the cache leaves exact, get no budget and prune 0, so
 compression rho removes rho of the compressed layers' tokens); the prune fractions are averaged over
@@ -87,18 +87,20 @@ def calibration_inputs(tokenizer, context: str | None = None, questions: Sequenc
         questions = questions[:num_questions]
     if not questions:
         raise ValueError("need at least one calibration question")
-    encoded = tokenizer(context, return_offsets_mapping=True)
+    # Character offsets place each quoted passage; only fast tokenizers give them (else no question is placed).
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(context, return_offsets_mapping=True) if fast else tokenizer(context)
     context_ids = torch.tensor(encoded["input_ids"][:context_tokens], dtype=torch.long)
-    offsets = encoded["offset_mapping"][:context_tokens]
+    offsets = encoded["offset_mapping"][:context_tokens] if fast else None
     question_ids = [torch.tensor(tokenizer(QUESTION_TEMPLATE.format(question=q), add_special_tokens=False)["input_ids"],
                                  dtype=torch.long) for q in questions]
     return Calibration(context_ids, question_ids, name, [quoted_span(q, context, offsets) for q in questions])
 
 
-def quoted_span(question: str, context: str, offsets: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+def quoted_span(question: str, context: str, offsets: Sequence[tuple[int, int]] | None) -> tuple[int, int] | None:
     """Token range [a, b) of the context passage `question` quotes with a blank ("... ____ ..."); None when
-    the question quotes none, or the passage is not inside the tokenised context."""
-    quoted = QUOTED_BLANK.search(question)
+    the question quotes none, the passage is not inside the tokenised context, or there are no offsets."""
+    quoted = offsets and QUOTED_BLANK.search(question)
     found = quoted and re.search(re.escape(quoted[1]) + r".{1,60}?" + re.escape(quoted[2]), context, flags=re.S)
     if not found:
         return None
@@ -120,7 +122,7 @@ def calibration_windows(calib: Calibration, lengths: Sequence[int]) -> list[Wind
         if unplaced:
             raise ValueError(f"context length {length} is shorter than the {t}-token calibration context, so "
                              f"each question must quote a passage of it (\"... ____ ...\"); questions {unplaced} "
-                             "do not, or quote one outside it")
+                             "do not, quote one outside it, or the tokenizer (not a fast one) gives no offsets")
         starts = defaultdict(list)
         for i, (a, b) in enumerate(calib.spans):
             start = min(a // length * length, t - length)
