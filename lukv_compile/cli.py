@@ -53,6 +53,9 @@ def add_profile(sub) -> None:
                         "uses the text's first L tokens; with several, the text is cut at the longest and each "
                         "shorter length asks each question after the window of that length holding the passage it "
                         "quotes; every (window, question) counts once in the average")
+    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain",
+                   help="plain: the text, then 'Question: ... Answer:' (default); chat: the chat template as the "
+                        "evaluation prompts (the text opens the user's turn, the question ends it)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "
@@ -128,7 +131,7 @@ def run_profile(args) -> None:
     results = profile_scorers(model, tokenizer, scorers, sink=args.sink, window=args.window, k_max=args.k_max,
                               context_tokens=args.context_tokens, num_questions=args.questions, scope=args.scope,
                               seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress,
-                              shards=args.shards)
+                              shards=args.shards, prompt_format=args.prompt_format)
     elapsed = time.perf_counter() - start
     if rank == 0:
         for scorer, result in results.items():
@@ -148,7 +151,7 @@ def run_profile(args) -> None:
 
 def save_curves(path: Path, curves: np.ndarray, profile: Profile) -> None:
     calibration = json.loads(profile.calibration)
-    meta = dict(profile.metadata(), context_len=calibration["context_tokens"])
+    meta = dict(profile.metadata(), context_len=calibration["context_tokens"] + calibration.get("prefix_tokens", 0))
     np.savez_compressed(path, curves=curves, meta=np.array(json.dumps(meta)))
 
 

@@ -239,20 +239,37 @@ def test_profile_scorers_share_one_oracle_and_average_questions(model, tokenizer
     np.testing.assert_array_equal(single.curves[0], both["streaming"].curves[0])
 
 
-def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(model, tokenizer):
-    """`--scorer reconstruction`: the loss curves rank each head's tokens by their utility to repeating the context."""
-    context = "abcdefghij" * 8
+def chat_tokenizer():
+    """The char tokenizer with a chat template: '<' + the user's message + '>A:'."""
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+                         "{% if add_generation_prompt %}A:{% endif %}")
+    return tok
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "chat"])
+def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(model, prompt_format):
+    """`--scorer reconstruction`: the loss curves rank each head's tokens by their utility to repeating the
+    context; in chat format the context, the question and the repeat request are wrapped as the evaluation's."""
+    tokenizer, context = chat_tokenizer(), "abcdefghij" * 8
     made = profile_scorers(model, tokenizer, ["reconstruction", "keydiff"], k_max=3, context=context,
-                           questions=["x?"], progress=False, keep_curves=True)
+                           questions=["x?"], progress=False, keep_curves=True, prompt_format=prompt_format)
     profile = made["reconstruction"].profile
     assert (profile.scorer, profile.sink, profile.window) == ("reconstruction", 4, 1)
-    assert "Repeat the text above" in json.loads(profile.calibration)["reconstruction"]
-    calib = calibration_inputs(tokenizer, context, ["x?"])
-    record = record_prefill(model, calib.context_ids)
-    ranking = reconstruction_utility(model, record, repeat_ids(tokenizer, context, chat=False))
+    calibration = json.loads(profile.calibration)
+    assert "Repeat the text above" in calibration["reconstruction"]
+    chat = prompt_format == "chat"
+    assert (calibration["prompt_format"], calibration["prefix_tokens"]) == (prompt_format, int(chat))
+    calib = calibration_inputs(tokenizer, context, ["x?"], prompt_format=prompt_format)
+    asked = "\n\nx?>A:" if chat else "\n\nQuestion: x?\nAnswer:"
+    assert calib.question_ids[0].tolist() == [ord(c) for c in asked]
+    assert calib.prefix_ids.tolist() == ([ord("<")] if chat else [])
+    record = record_prefill(model, torch.cat([calib.prefix_ids, calib.context_ids]))
+    ranking = reconstruction_utility(model, record, repeat_ids(tokenizer, context, chat=chat))
     oracle = oracle_importance(model, record, calib.question_ids[0], 3, TEMPERATURE, 0,
                                eos_token_ids(model, tokenizer)).importance
     np.testing.assert_allclose(made["reconstruction"].curves[0], cum_losses(oracle, eviction_order(ranking, 4, 1)))
+    assert made["reconstruction"].curves.shape == (1, 4, 80 + int(chat) - 5 + 1)
     assert not np.allclose(made["reconstruction"].curves[0], made["keydiff"].curves[0]), "the ranking should matter"
 
 
@@ -276,7 +293,7 @@ def test_shorter_lengths_ask_each_question_after_the_window_holding_its_passage(
         is_fast = False
 
         def __call__(self, text, **kwargs):
-            assert "return_offsets_mapping" not in kwargs
+            assert not kwargs.get("return_offsets_mapping")
             return tokenizer(text, **kwargs)
 
     slow = calibration_inputs(SlowTokenizer(), WINDOWED_CONTEXT, WINDOWED_QUESTIONS)
@@ -351,6 +368,8 @@ def test_profile_rejects_bad_inputs(model, tokenizer):
         profile_scorers(model, tokenizer, ["snapkv"], num_questions=31, progress=False)
     with pytest.raises(ValueError, match="scope"):
         profile_model(model, tokenizer, "snapkv", scope="heads", progress=False)
+    with pytest.raises(ValueError, match="unknown prompt format 'json'; allowed: chat, plain"):
+        profile_model(model, tokenizer, "snapkv", prompt_format="json", progress=False)
 
 
 # ---------------------------------------------------------------- torchrun scale-out

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from lukv_compile.eval import report
-from lukv_compile.eval.harness import ENGINES, PROMPT_FORMATS, Result, check_evaluation, evaluate
+from lukv_compile.eval.harness import ENGINES, Result, check_evaluation, evaluate
 from lukv_compile.eval.methods import BUDGETS, parse_methods
 from lukv_compile.eval.simulate import PROTOCOLS
 from lukv_compile.eval.tasks import TASKS
+from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
 from lukv_compile.settings import INNER_COMPILERS
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey"

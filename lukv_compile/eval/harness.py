@@ -36,11 +36,10 @@ from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
-from lukv_compile.profiling.reconstruction import chat_parts, repeat_ids
+from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, repeat_ids
 from lukv_compile.reconstruction import compress_context
 
 ENGINES = ("simulated", "compiled")
-PROMPT_FORMATS = ("chat", "plain")
 WARMUP_STEPS = 2  # decode steps per sample left out of the latency median (the first may compile)
 
 
@@ -88,8 +87,7 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
     line); `plain` is the raw context, the question and "Answer:". Each part is tokenized on its own so
     the cut is exact.
     """
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
+    check_prompt_format(prompt_format)
     if prompt_format == "chat":
         before, question = chat_parts(tokenizer, sample.question)
         context = before + sample.context
@@ -188,8 +186,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     `compiled` (compiled engine) is the model compiled with the lukv backend (made here with `inner` if not given).
     """
     check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols)
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
+    check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
     if "aware" in protocols and any(m.scorer == RECONSTRUCTION for m in chosen):
         raise ValueError("the reconstruction scorer compresses the context before the question is seen: it runs "

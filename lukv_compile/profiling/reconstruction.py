@@ -21,7 +21,13 @@ import torch
 from lukv_compile.profiling.oracle import PrefillRecord, recording, utility_hook
 
 REPEAT_REQUEST = "Repeat the text above exactly."
+PROMPT_FORMATS = ("chat", "plain")
 _MARK = "\x00context\x00"
+
+
+def check_prompt_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
 
 
 def chat_parts(tokenizer, text: str) -> tuple[str, str]:

@@ -33,13 +33,20 @@ from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, RECONSTRUCTION, Profile, check_ranking
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, oracle_importance, record_prefill
-from lukv_compile.profiling.reconstruction import REPEAT_REQUEST, reconstruction_utility, request_ids
+from lukv_compile.profiling.reconstruction import (
+    REPEAT_REQUEST,
+    chat_parts,
+    check_prompt_format,
+    reconstruction_utility,
+    request_ids,
+)
 from lukv_compile.scorers import layer_ropes
 
 RATIOS = np.arange(1, NUM_RATIOS + 1) / 100
 TEMPERATURE = 0.7
 SCOPES = ("global", "layer")
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+CHAT_QUESTION = "chat template: the context opens the user's turn, the question ends it after a blank line"
 RECONSTRUCTION_PROMPT = f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced)"
 CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
 
@@ -50,10 +57,12 @@ QUOTED_BLANK = re.compile(r'"([^"]*)____([^"]*)"')
 
 @dataclass
 class Calibration:
-    context_ids: torch.Tensor  # [T]
+    context_ids: torch.Tensor  # [T] the calibration text
     question_ids: list[torch.Tensor]  # one [T_q] tensor per question
     name: str
     spans: list[tuple[int, int] | None]  # each question's quoted passage as a token range [a, b) of the context
+    prefix_ids: torch.Tensor  # [P] what precedes every window of the text (the chat template's start; or empty)
+    prompt_format: str
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,13 @@ class ProfileResult:
 
 
 def calibration_inputs(tokenizer, context: str | None = None, questions: Sequence[str] | None = None,
-                       context_tokens: int = 4096, num_questions: int | None = None) -> Calibration:
-    """Tokenise the calibration context (first `context_tokens` tokens) and the first `num_questions` questions."""
+                       context_tokens: int = 4096, num_questions: int | None = None,
+                       prompt_format: str = "plain") -> Calibration:
+    """Tokenise the calibration context (first `context_tokens` tokens) and the first `num_questions` questions.
+
+    plain: the text, then QUESTION_TEMPLATE; chat: as the evaluation prompts, the text opens the user's turn
+    of the chat template and each question ends it (so the oracle answers as the chat model does).
+    """
     from lukv_compile.data import calibration_questions, calibration_text
 
     name = CALIBRATION_NAME if context is None else "custom context"
@@ -87,14 +101,23 @@ def calibration_inputs(tokenizer, context: str | None = None, questions: Sequenc
         questions = questions[:num_questions]
     if not questions:
         raise ValueError("need at least one calibration question")
+    check_prompt_format(prompt_format)
+    chat = prompt_format == "chat"
     # Character offsets place each quoted passage; only fast tokenizers give them (else no question is placed).
+    # In chat format the template's start brings the special tokens.
     fast = getattr(tokenizer, "is_fast", False)
-    encoded = tokenizer(context, return_offsets_mapping=True) if fast else tokenizer(context)
+    encoded = tokenizer(context, add_special_tokens=not chat, return_offsets_mapping=fast)
     context_ids = torch.tensor(encoded["input_ids"][:context_tokens], dtype=torch.long)
     offsets = encoded["offset_mapping"][:context_tokens] if fast else None
-    question_ids = [torch.tensor(tokenizer(QUESTION_TEMPLATE.format(question=q), add_special_tokens=False)["input_ids"],
-                                 dtype=torch.long) for q in questions]
-    return Calibration(context_ids, question_ids, name, [quoted_span(q, context, offsets) for q in questions])
+    asked = [chat_parts(tokenizer, q)[1] if chat else QUESTION_TEMPLATE.format(question=q) for q in questions]
+    question_ids = [_ids(tokenizer, text) for text in asked]
+    prefix_ids = _ids(tokenizer, chat_parts(tokenizer, "")[0] if chat else "")
+    return Calibration(context_ids, question_ids, name, [quoted_span(q, context, offsets) for q in questions],
+                       prefix_ids, prompt_format)
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def quoted_span(question: str, context: str, offsets: Sequence[tuple[int, int]] | None) -> tuple[int, int] | None:
@@ -202,11 +225,12 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
                     context_tokens: int | Sequence[int] = 4096, num_questions: int | None = None,
                     scope: str = "global", seed: int = 0, keep_curves: bool = False, progress: bool = True,
-                    shards: int = 1) -> dict[str, ProfileResult]:
+                    shards: int = 1, prompt_format: str = "plain") -> dict[str, ProfileResult]:
     """One oracle run, one Profile per scorer (window None: each scorer's default window).
 
-    context_tokens: one length, or several (module docstring). shards > 1: tensor-parallel profile, every
-    shard's kept tokens within 5% of the others'.
+    context_tokens: one length, or several (module docstring); in chat format each window is preceded by the
+    template's start, so a profiled context is that prefix + the window. shards > 1: tensor-parallel
+    profile, every shard's kept tokens within 5% of the others'. prompt_format: `calibration_inputs`.
     """
     from lukv_compile.models import config_fingerprint, model_identity
 
@@ -221,13 +245,14 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     if not lengths or min(lengths) < 1:
         raise ValueError(f"context_tokens must be lengths >= 1, got {context_tokens}")
-    calib = calibration_inputs(tokenizer, context, questions, max(lengths), num_questions)
+    calib = calibration_inputs(tokenizer, context, questions, max(lengths), num_questions, prompt_format)
     parts = calibration_windows(calib, lengths)
     if keep_curves and len(parts) > 1:
         raise ValueError(f"keep_curves needs one context length covering the context, got {len(parts)} windows")
+    prefix = calib.prefix_ids
     for part in parts:
         for s in scorers:
-            check_protection(part.length, sink, windows[s])
+            check_protection(prefix.numel() + part.length, sink, windows[s])
     rank, world = init_distributed()
 
     sums = {s: np.zeros((NUM_RATIOS, graph.graph["num_layers"], graph.graph["num_kv_heads"])) for s in scorers}
@@ -241,17 +266,18 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         asked = [i for p, i in mine if p is part]
         if not asked:
             continue
-        context_ids = calib.context_ids[part.start:part.start + part.length]
-        record = record_prefill(model, context_ids)
-        orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, context_ids), sink, windows[s])
-                  for s in scorers}
+        text_ids = calib.context_ids[part.start:part.start + part.length]
+        context_len = prefix.numel() + part.length
+        record = record_prefill(model, torch.cat([prefix, text_ids]))
+        orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, text_ids, prompt_format), sink,
+                                    windows[s]) for s in scorers}
         for i in asked:
             result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos,
                                        skip_layers=excluded)
             steps += result.generated.numel()
             for s in scorers:
                 c = cum_losses(result.importance, orders[s])
-                sums[s] += prune_fractions(c, part.length, sink, windows[s], graph, scope)
+                sums[s] += prune_fractions(c, context_len, sink, windows[s], graph, scope)
                 if keep_curves:
                     curves[s][i] = c
             bar.update()
@@ -262,7 +288,8 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     description = json.dumps({
         "text": calib.name, "context_tokens": calib.context_ids.numel(), "questions": len(calib.question_ids),
         "k_max": k_max, "temperature": TEMPERATURE, "seed": seed, "mean_decode_steps": round(steps / n, 2),
-        "question_template": QUESTION_TEMPLATE, "shards": shards,
+        "prompt_format": prompt_format, "prefix_tokens": prefix.numel(),
+        "question_template": CHAT_QUESTION if prompt_format == "chat" else QUESTION_TEMPLATE, "shards": shards,
     } | ({"context_lengths": sorted(set(lengths)), "windows": [[p.start, p.length, len(p.questions)] for p in parts]}
          if len(parts) > 1 else {})
       | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}))
@@ -277,16 +304,18 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     return results
 
 
-def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, context_ids: torch.Tensor) -> torch.Tensor:
-    """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context `context_ids` [T].
+def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, text_ids: torch.Tensor,
+                        prompt_format: str = "plain") -> torch.Tensor:
+    """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context (T tokens, ending in the text
+    `text_ids`).
 
-    reconstruction: the context (plain text, as calibrated) followed by the request to repeat it, with the
-    context's own tokens teacher-forced as the answer.
+    reconstruction: the recorded context followed by the request to repeat it (in the prompt format), with
+    the text's own tokens teacher-forced as the answer.
     """
     if name == RECONSTRUCTION:
         special = set(tokenizer.all_special_ids)
-        answer = [t for t in context_ids.tolist() if t not in special]
-        return reconstruction_utility(model, record, request_ids(tokenizer, chat=False) + answer)
+        answer = [t for t in text_ids.tolist() if t not in special]
+        return reconstruction_utility(model, record, request_ids(tokenizer, chat=prompt_format == "chat") + answer)
     return layer_scores(name, record.q, record.k, record.v, record.scaling, layer_ropes(model.config))
 
 
