@@ -7,23 +7,29 @@ evaluation's simulated engine (lukv_compile/eval/simulate.py).
 
     python benchmarks/needle_study.py --context 1024 --samples 10 --compression 0.8 \
         --methods lukv:keydiff,uniform:keydiff,uniform:oracle,lukv-keydiff:oracle --threads 1
+
+`--profile-dir` reads the lukv budgets' profiles from another folder, as `lukv eval --profile-dir` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lukv_compile.eval import methods as eval_methods
 from lukv_compile.eval.harness import encode
 from lukv_compile.eval.methods import parse_methods, resolve
 from lukv_compile.eval.simulate import Variant, answer_with_oracle, variant_masks
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import eos_token_ids, load_model
+from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import record_prefill
+from lukv_compile.profiling.reconstruction import reconstruction_utility
 from lukv_compile.scorers import layer_ropes
 
 
@@ -42,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", type=float, default=0.8)
     p.add_argument("--methods", default="lukv:keydiff,uniform:keydiff,uniform:oracle,lukv-keydiff:oracle")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile-dir", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.profile_dir is not None:
+        eval_methods.PROFILE_DIR = args.profile_dir
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2")
     methods = [resolve(m, model) for m in parse_methods(args.methods)]
@@ -59,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             if not needle:
                 continue
             record = record_prefill(model, prompt.context_ids)
+            scores = {}  # the reconstruction first: the oracle's answer below extends the recorded cache
+            if any(m.scorer == RECONSTRUCTION for m in methods):
+                scores[RECONSTRUCTION] = reconstruction_utility(model, record, prompt.reconstruction)
             _, importance = answer_with_oracle(model, record, prompt.question_ids, "agnostic", stop,
                                                sample.max_new_tokens)
-            ranked = {m.scorer for m in methods} - {"oracle"}
-            scores = {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
+            ranked = {m.scorer for m in methods} - {"oracle", RECONSTRUCTION}
+            scores |= {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
             scores["oracle"] = importance
             masks = variant_masks(variants, scores, len(context))  # [R, L, H, P]
             for m, mask in zip(methods, masks, strict=True):
