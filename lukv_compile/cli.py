@@ -23,6 +23,7 @@ from lukv_compile.arguments import compression_arg, non_negative_int, positive_i
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
+from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -53,7 +54,7 @@ def add_profile(sub) -> None:
                         "uses the text's first L tokens; with several, the text is cut at the longest and each "
                         "shorter length asks each question after the window of that length holding the passage it "
                         "quotes; every (window, question) counts once in the average")
-    p.add_argument("--prompt-format", choices=("plain", "chat"), default="plain",
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
                    help="plain: the text, then 'Question: ... Answer:' (default); chat: the chat template as the "
                         "evaluation prompts (the text opens the user's turn, the question ends it)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")

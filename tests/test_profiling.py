@@ -370,6 +370,8 @@ def test_profile_rejects_bad_inputs(model, tokenizer):
         profile_model(model, tokenizer, "snapkv", scope="heads", progress=False)
     with pytest.raises(ValueError, match="unknown prompt format 'json'; allowed: chat, plain"):
         profile_model(model, tokenizer, "snapkv", prompt_format="json", progress=False)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        profile_model(model, tokenizer, "snapkv", prompt_format="chat", progress=False)
 
 
 # ---------------------------------------------------------------- torchrun scale-out

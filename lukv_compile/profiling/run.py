@@ -62,7 +62,6 @@ class Calibration:
     name: str
     spans: list[tuple[int, int] | None]  # each question's quoted passage as a token range [a, b) of the context
     prefix_ids: torch.Tensor  # [P] what precedes every window of the text (the chat template's start; or empty)
-    prompt_format: str
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,9 @@ def calibration_inputs(tokenizer, context: str | None = None, questions: Sequenc
         raise ValueError("need at least one calibration question")
     check_prompt_format(prompt_format)
     chat = prompt_format == "chat"
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template and this one has none; "
+                         "use prompt format 'plain'")
     # Character offsets place each quoted passage; only fast tokenizers give them (else no question is placed).
     # In chat format the template's start brings the special tokens.
     fast = getattr(tokenizer, "is_fast", False)
@@ -113,7 +115,7 @@ def calibration_inputs(tokenizer, context: str | None = None, questions: Sequenc
     question_ids = [_ids(tokenizer, text) for text in asked]
     prefix_ids = _ids(tokenizer, chat_parts(tokenizer, "")[0] if chat else "")
     return Calibration(context_ids, question_ids, name, [quoted_span(q, context, offsets) for q in questions],
-                       prefix_ids, prompt_format)
+                       prefix_ids)
 
 
 def _ids(tokenizer, text: str) -> torch.Tensor:
