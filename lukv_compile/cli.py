@@ -46,6 +46,11 @@ def add_profile(sub) -> None:
                         "reconstruction: the utility of repeating the context, applied by compress_context)")
     p.add_argument("--out", required=True,
                    help="output .safetensors file; with several scorers it must contain {scorer}")
+    p.add_argument("--calibration-text", type=Path, default=None,
+                   help="UTF-8 text file to calibrate on (default: the shipped Northanger Abbey excerpt)")
+    p.add_argument("--calibration-questions", type=Path, default=None,
+                   help='JSON file of questions asked after the text: a list of strings or of {"question": ...} '
+                        "(default: the shipped 30 cloze questions about the shipped text)")
     p.add_argument("--questions", type=positive_int, default=None, help="use the first N calibration questions "
                    "(default: all)")
     p.add_argument("--k-max", type=positive_int, default=64, help="sampled decode steps per question (default 64)")
@@ -115,21 +120,21 @@ def load_model_arg(model: str, dtype: str):
 def run_profile(args) -> None:
     import torch
 
-    from lukv_compile.data import calibration_questions
     from lukv_compile.profiling.run import check_scope, init_distributed, profile_scorers
 
     scorers = parse_scorers(args.scorer)
     check_scope(args.scope, args.shards)
     paths = output_paths(args.out, scorers)
-    available = len(calibration_questions())
-    if args.questions is not None and args.questions > available:
-        raise CommandError(f"--questions {args.questions}: only {available} calibration questions exist")
+    context, questions, source = calibration_files(args.calibration_text, args.calibration_questions)
+    if args.questions is not None and args.questions > len(questions):
+        raise CommandError(f"--questions {args.questions}: only {len(questions)} calibration questions exist")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world = init_distributed()
     model, tokenizer = load_model_arg(args.model, args.dtype)
     start = time.perf_counter()
     results = profile_scorers(model, tokenizer, scorers, sink=args.sink, window=args.window, k_max=args.k_max,
+                              context=context, questions=questions, source=source,
                               context_tokens=args.context_tokens, num_questions=args.questions, scope=args.scope,
                               seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress,
                               shards=args.shards, prompt_format=args.prompt_format)
@@ -148,6 +153,32 @@ def run_profile(args) -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+def calibration_files(text_path: Path | None, questions_path: Path | None) -> tuple[str | None, list[str], dict]:
+    """(context or None for the shipped text, questions, the files' names for the profile's record); the
+    shipped questions are about the shipped text, so a custom text needs its own questions."""
+    from lukv_compile.data import calibration_questions, read_questions
+
+    if text_path is not None and questions_path is None:
+        raise CommandError(f"--calibration-text {text_path} needs --calibration-questions: the shipped questions "
+                           "are about the shipped text")
+    context = None
+    if text_path is not None:
+        try:
+            context = text_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"--calibration-text {text_path}: cannot read it as UTF-8 text ({error})") from None
+        if not context.strip():
+            raise CommandError(f"--calibration-text {text_path} is empty")
+    try:
+        questions = ([item["question"] for item in calibration_questions()] if questions_path is None
+                     else read_questions(questions_path))
+    except ValueError as error:
+        raise CommandError(f"--calibration-questions: {error}") from None
+    source = {name: path.name for name, path in (("text_file", text_path), ("questions_file", questions_path))
+              if path is not None}
+    return context, questions, source
 
 
 def save_curves(path: Path, curves: np.ndarray, profile: Profile) -> None:

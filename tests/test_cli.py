@@ -64,6 +64,45 @@ def test_profile_shards_balance_and_solve_keeps_them(tiny_folder, tmp_path):
     assert main(["profile", str(tiny_folder), "--out", str(out), "--shards", "3", *PROFILE_ARGS]) == 2
 
 
+def test_profile_calibrates_on_given_files(tiny_folder, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("The lighthouse keeper wrote the tide tables by hand every night. " * 3)
+    questions = tmp_path / "asked.json"
+    questions.write_text(json.dumps(["Who wrote the tide tables?", {"question": "When?", "answer": "nightly"}]))
+    out = tmp_path / "own.safetensors"
+    assert main(["profile", str(tiny_folder), "--out", str(out), "--calibration-text", str(text),
+                 "--calibration-questions", str(questions), "--k-max", "3", "--no-progress"]) == 0
+    record = json.loads(Profile.load(out).calibration)
+    assert (record["text"], record["questions"]) == ("custom context", 2)
+    assert (record["text_file"], record["questions_file"]) == ("notes.txt", "asked.json")
+    assert record["context_tokens"] == len(text.read_text())  # the char tokenizer: one token per character
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such calibration questions file"),
+    ("[1, 2", "is not JSON"),
+    ("[]", "holds no questions"),
+    ('["fine", {"answer": "no question"}]', "items [1] are not non-empty questions"),
+])
+def test_bad_calibration_questions_fail_before_work(content, message, tmp_path, capsys):
+    path = tmp_path / "q.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["profile", "smollm2", "--out", "x.safetensors", "--calibration-questions", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_custom_calibration_text_needs_its_questions(tmp_path, capsys):
+    text, questions = tmp_path / "t.txt", tmp_path / "q.json"
+    text.write_text("some text")
+    questions.write_text('["one?", "two?"]')
+    assert main(["profile", "smollm2", "--out", "x.safetensors", "--calibration-text", str(text)]) == 2
+    assert "needs --calibration-questions" in capsys.readouterr().err
+    assert main(["profile", "smollm2", "--out", "x.safetensors", "--calibration-questions", str(questions),
+                 "--questions", "3"]) == 2
+    assert "only 2 calibration questions" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["profile", "no-such-model", "--out", "x.safetensors"], "neither a known name"),
     (["profile", "smollm2", "--scorer", "h2o", "--out", "x.safetensors"], "unknown scorer 'h2o'"),

@@ -21,6 +21,26 @@ def calibration_questions() -> tuple[dict, ...]:
     return tuple(json.loads((DATA_DIR / "calibration_questions.json").read_text()))
 
 
+def read_questions(path: str | Path) -> list[str]:
+    """Calibration questions from a JSON file: a list of strings, or of {"question": ...} objects (the shipped
+    calibration_questions.json format). Raises ValueError naming the file and what is allowed."""
+    path = Path(path)
+    allowed = 'a JSON list of question strings or of {"question": "..."} objects'
+    try:
+        items = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no such calibration questions file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON ({error}); expected {allowed}") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path} holds no questions; expected {allowed}")
+    questions = [item.get("question") if isinstance(item, dict) else item for item in items]
+    bad = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if bad:
+        raise ValueError(f"{path}: items {bad[:5]} are not non-empty questions; expected {allowed}")
+    return questions
+
+
 @cache
 def haystack_text() -> str:
     """~100 KB from Persuasion, disjoint from the calibration text: filler for the evaluation tasks."""

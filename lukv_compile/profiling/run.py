@@ -227,12 +227,14 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
                     context_tokens: int | Sequence[int] = 4096, num_questions: int | None = None,
                     scope: str = "global", seed: int = 0, keep_curves: bool = False, progress: bool = True,
-                    shards: int = 1, prompt_format: str = "plain") -> dict[str, ProfileResult]:
+                    shards: int = 1, prompt_format: str = "plain", source: dict | None = None
+                    ) -> dict[str, ProfileResult]:
     """One oracle run, one Profile per scorer (window None: each scorer's default window).
 
     context_tokens: one length, or several (module docstring); in chat format each window is preceded by the
     template's start, so a profiled context is that prefix + the window. shards > 1: tensor-parallel
     profile, every shard's kept tokens within 5% of the others'. prompt_format: `calibration_inputs`.
+    source: extra provenance recorded in each profile's calibration record (e.g. the calibration files' names).
     """
     from lukv_compile.models import config_fingerprint, model_identity
 
@@ -294,7 +296,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         "question_template": CHAT_QUESTION if prompt_format == "chat" else QUESTION_TEMPLATE, "shards": shards,
     } | ({"context_lengths": sorted(set(lengths)), "windows": [[p.start, p.length, len(p.questions)] for p in parts]}
          if len(parts) > 1 else {})
-      | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}))
+      | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}) | (source or {}))
     identity, fingerprint = model_identity(model), config_fingerprint(model.config)
     results = {}
     for s in scorers:
