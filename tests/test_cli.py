@@ -80,13 +80,16 @@ def test_profile_calibrates_on_given_files(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "no such calibration questions file"),
+    ("directory", "cannot read"),
     ("[1, 2", "is not JSON"),
     ("[]", "holds no questions"),
     ('["fine", {"answer": "no question"}]', "items [1] are not non-empty questions"),
 ])
 def test_bad_calibration_questions_fail_before_work(content, message, tmp_path, capsys):
     path = tmp_path / "q.json"
-    if content is not None:
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     assert main(["profile", "smollm2", "--out", "x.safetensors", "--calibration-questions", str(path)]) == 2
     assert message in capsys.readouterr().err

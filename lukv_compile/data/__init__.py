@@ -30,6 +30,8 @@ def read_questions(path: str | Path) -> list[str]:
         items = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"no such calibration questions file: {path}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path} ({error}); expected a file holding {allowed}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not JSON ({error}); expected {allowed}") from None
     if not isinstance(items, list) or not items:
