@@ -5,9 +5,8 @@ One decode step's attention over all 30 layers: 9 query heads, 3 KV heads, head_
 head evicted to its budget (at compression 0.8, ~20% kept overall, very unevenly over heads: by default
 the shipped SmolLM2 LU-KV profile's per-head budgets), then the decode token appended. The baselines
 attend the same query over the whole 8k cache: SDPA with enable_gqa (as HF decodes) and repeat_kv + SDPA
-(the eager Llama path); `per_head_sdpa` does segment_attention's work through SDPA, one call per KV head.
-One thread; the four are interleaved in every repeat (so drift hits them all alike) and the medians
-reported. speedup = baseline time / segment_attention time.
+(the eager Llama path). One thread; the three are interleaved in every repeat (so drift hits them all
+alike) and the medians reported. speedup = baseline time / segment_attention time.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_decode_cpu.py [--context 8192] [--repeats 60]
 """
@@ -115,12 +114,6 @@ def main() -> None:
         for s in stores:
             segment_attention(q, s.keys, s.values, s.start, s.length, one, scale)
 
-    def per_head_sdpa():  # the same per-segment work through SDPA's flash kernel (the previous CPU path)
-        for s in stores:
-            for h, (start, n) in enumerate(zip(s.start[0].tolist(), s.length[0].tolist(), strict=True)):
-                F.scaled_dot_product_attention(q[:, h * group:(h + 1) * group], s.keys[start:start + n][None, None],
-                                               s.values[start:start + n][None, None], scale=scale, enable_gqa=True)
-
     def sdpa_gqa():
         for k, v in full:
             F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
@@ -131,8 +124,8 @@ def main() -> None:
                                            scale=scale)
 
     max_err = max(check_exact(s, q, scale) for s in stores)
-    times = median_times({"segment_attention": ours, "per_head_sdpa": per_head_sdpa, "sdpa_gqa": sdpa_gqa,
-                          "repeat_kv_sdpa": sdpa_repeat_kv}, args.repeats)
+    times = median_times({"segment_attention": ours, "sdpa_gqa": sdpa_gqa, "repeat_kv_sdpa": sdpa_repeat_kv},
+                         args.repeats)
     kept = np.stack([s.length[0] for s in stores])  # [L, H], the decode token included
     ragged_bytes = sum(s.nbytes() for s in stores)
     full_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in full)
@@ -146,8 +139,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "ms_per_step": {name: round(s * 1e3, 3) for name, s in times.items()},
-        "speedup": {name: round(times[name] / times["segment_attention"], 2)
-                    for name in ("per_head_sdpa", "sdpa_gqa", "repeat_kv_sdpa")},
+        "speedup": {name: round(times[name] / times["segment_attention"], 2) for name in ("sdpa_gqa",
+                                                                                           "repeat_kv_sdpa")},
     }
     print(f"decode attention, {LAYERS} layers x ({Q_HEADS}q/{KV_HEADS}kv heads, d={HEAD_DIM}), context "
           f"{args.context}, compression {args.compression} ({args.budgets} budgets, kept {report['kept_share']:.1%}, "

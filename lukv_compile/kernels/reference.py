@@ -50,19 +50,12 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: np.ndarray,
                      length: np.ndarray, scale: float) -> torch.Tensor:
-    """`segment_attention` for one real query per row and no empty head: a decode step.
-
-    Two GEMMs and a softmax per KV head (its GQA group's few queries against its own segment): for a
-    handful of queries SDPA's flash kernel costs ~25% more on CPU (benchmarks/bench_decode_cpu.py).
-    Half-precision segments are computed in fp32, as SDPA accumulates.
-    """
+    """`segment_attention` for one real query per row and no empty head: a decode step."""
     b, hq, _, d = q.shape
-    h = start.shape[1]
-    compute = torch.promote_types(q.dtype, torch.float32)
-    queries = (q.to(compute) * scale).reshape(b, h, hq // h, d)
-    heads = []
-    for row, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist(), strict=True)):
-        for head, (s, n) in enumerate(zip(starts, lengths, strict=True)):
-            weights = torch.mm(queries[row, head], keys[s:s + n].to(compute).t()).softmax(dim=-1)
-            heads.append(torch.mm(weights, values[s:s + n].to(compute)))
-    return torch.cat(heads).view(b, hq, 1, d).to(q.dtype)
+    group = hq // start.shape[1]
+    heads = [F.scaled_dot_product_attention(q[row:row + 1, head * group:(head + 1) * group],
+                                            keys[s:s + n].to(q.dtype)[None, None],
+                                            values[s:s + n].to(q.dtype)[None, None], scale=scale, enable_gqa=True)
+             for row, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist(), strict=True))
+             for head, (s, n) in enumerate(zip(starts, lengths, strict=True))]
+    return torch.cat(heads, dim=1).view(b, hq, 1, d)
