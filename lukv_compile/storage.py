@@ -78,8 +78,8 @@ class RaggedStore:
     def _move(self, src_start: np.ndarray, length: np.ndarray, cap: np.ndarray) -> None:
         """Copy the `length` [B, H] tokens at slots `src_start` into fresh buffers laid out with capacities `cap`.
 
-        One slice copy per head: 5-20x faster than a gather/scatter over every token's slot index, and a
-        decode step pays it whenever some head of the layer runs out of room.
+        One slice copy per head: 2-7x faster than a gather/scatter over every token's slot index
+        (benchmarks/bench_regrowth.py), and a decode step pays it whenever some head of the layer runs out of room.
         """
         start = starts_of(cap)
         total = int(cap.sum())
