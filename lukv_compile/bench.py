@@ -9,8 +9,10 @@ bench runs three instances of the model (loaded separately, so no compiled state
 Per thread setting (Dynamo is reset and everything recompiles: inductor's CPU kernels are built for the
 thread count at compile time) and per context, on the same prompt:
   prefill    one warm-up prefill each (the compiled ones compile), then the median of --prefill-repeats,
-             interleaved. lukv also runs at compression 0 (no scoring, no selection) through the same
-             compiled model: the difference is the eviction work inside the prefill.
+             interleaved.
+  eviction   the scoring + selection + compaction inside one more lukv prefill, timed directly: the sum of
+             the `lukv::evict` ranges (eviction.EVICT_RANGE, one per layer) in a torch.profiler trace of
+             it (host time: on a GPU the ranges end at their last host synchronisation).
   decode     --steps steps with the argmax token fed back, interleaved lukv / plain / static step by step;
              medians over the steps after the first WARMUP_STEPS (those compile).
   generate   prefill + --e2e-tokens new tokens (greedy, min = max new tokens), each after a short warm-up
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 
 from lukv_compile.arguments import compression_arg, positive_int, positive_ints
 from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
+from lukv_compile.eviction import EVICT_RANGE
 from lukv_compile.models import MODELS
 from lukv_compile.profile import Profile
 from lukv_compile.settings import INDUCTOR_MODES, LUKVSettings
@@ -48,7 +51,6 @@ from lukv_compile.warm import caching_disabled, save_warm_start, warm_start
 WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
 # (the sequence length becomes a dynamic size)
 DECODERS = ("lukv", "plain", "static")  # the three ways to run the model
-NO_EVICTION = "lukv_no_eviction"  # the lukv model on a compression-0 cache: prefill only
 GENERATE_WARMUP_TOKENS = 3
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -169,19 +171,15 @@ class Contender:
 
 
 def contenders(models: dict[str, Any], profile: Profile, opts: BenchOptions) -> dict[str, Contender]:
-    """lukv, its compression-0 twin (same compiled model), plain and static, from three model instances."""
+    """lukv, plain and static, from three model instances."""
     from transformers import DynamicCache, StaticCache
 
     lukv = torch.compile(models["lukv"], backend="lukv",
                          options={"inner": opts.inner, "regional": opts.regional, "mode": opts.mode})
     config = models["lukv"].config
 
-    def lukv_cache(compression: float) -> Callable[[int], LUKVCache]:
-        return lambda tokens: LUKVCache(config, profile=profile, compression=compression)
-
     return {
-        "lukv": Contender(lukv, lukv_cache(opts.compression)),
-        NO_EVICTION: Contender(lukv, lukv_cache(0.0)),
+        "lukv": Contender(lukv, lambda tokens: LUKVCache(config, profile=profile, compression=opts.compression)),
         "plain": Contender(models["plain"], lambda tokens: DynamicCache(config=models["plain"].config)),
         "static": Contender(torch.compile(models["static"], backend=opts.inner, mode=opts.mode),
                             lambda tokens: StaticCache(config=models["static"].config, max_cache_len=tokens)),
@@ -263,9 +261,18 @@ def decode_fields(decode: dict[str, list[float]]) -> dict:
             "tokens_per_s_ratio_lukv_static": per_s["lukv"] / per_s["static"]}
 
 
-def prefill_fields(prefill: dict[str, list[float]]) -> dict:
+def eviction_seconds(run: Contender, ids: torch.Tensor, tokens: int) -> float:
+    """Seconds of eviction work (every layer's `lukv::evict` range) in one profiled prefill on a fresh cache."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        timed_step(run, run.new_cache(tokens), ids)
+    ranges = [event for event in trace.events() if event.name == EVICT_RANGE]
+    if not ranges:
+        raise RuntimeError(f"the lukv prefill ran no {EVICT_RANGE!r} range: nothing was evicted")
+    return sum(event.cpu_time_total for event in ranges) / 1e6
+
+
+def prefill_fields(prefill: dict[str, list[float]], eviction: float) -> dict:
     s = {name: statistics.median(times[1:]) for name, times in prefill.items()}
-    eviction = s["lukv"] - s[NO_EVICTION]
     return {**{f"prefill_s_{n}": s[n] for n in s}, "prefill_eviction_s": eviction,
             "prefill_eviction_share_of_plain": eviction / s["plain"]}
 
@@ -294,22 +301,22 @@ def kv_fields(cache: LUKVCache, config, tokens: int, dtype: torch.dtype) -> dict
 def bench_context(runs: dict[str, Contender], ids: torch.Tensor, opts: BenchOptions) -> dict:
     """Every measurement of one prompt `ids` [1, T] (see the module docstring); one flat row."""
     tokens, ids = ids.shape[1] + opts.steps, ids.to(opts.device)
-    decoders = {name: runs[name] for name in DECODERS}
     with torch.no_grad():
         say(f"  prefill x{1 + opts.prefill_repeats} each (the first compiles): {', '.join(runs)} ...")
         prefill, state = measure_prefill(runs, ids, tokens, opts.prefill_repeats)
+        say("  one more lukv prefill, profiled: its eviction ranges ...")
+        eviction = eviction_seconds(runs["lukv"], ids, tokens)
         say(f"  decode {opts.steps} steps interleaved ({WARMUP_STEPS} warm-up): {', '.join(DECODERS)} ...")
-        del state[NO_EVICTION]  # its uncompressed cache is not decoded from
-        decode = measure_decode(decoders, state, opts.steps)
+        decode = measure_decode(runs, state, opts.steps)
         say(f"  generate prefill + {opts.e2e_tokens} tokens: {', '.join(DECODERS)} ...")
         static = Contender(runs["static"].model._orig_mod, runs["static"].new_cache)  # transformers compiles it
-        e2e = measure_generate(decoders | {"static": static}, ids, opts.e2e_tokens,
+        e2e = measure_generate(runs | {"static": static}, ids, opts.e2e_tokens,
                                {"static": {"compile_config": static_generate_config(opts)}})
     say("  decode attention op alone: lukv storage vs full-cache SDPA ...")
     cache, model = state["lukv"][0], runs["plain"].model
     return {"prompt_tokens": ids.shape[1], **asdict(opts), "decode_steps_timed": opts.steps - WARMUP_STEPS,
-            **kv_fields(cache, model.config, tokens, model.dtype), **decode_fields(decode), **prefill_fields(prefill),
-            **generate_fields(e2e), **bench_attention(cache, model.config, tokens),
+            **kv_fields(cache, model.config, tokens, model.dtype), **decode_fields(decode),
+            **prefill_fields(prefill, eviction), **generate_fields(e2e), **bench_attention(cache, model.config, tokens),
             "compile_s": compile_fields(prefill, decode)}
 
 

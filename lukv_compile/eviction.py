@@ -18,6 +18,8 @@ from lukv_compile.scorers import Rope, snapkv
 from lukv_compile.selection import protect_and_mask, select_tokens
 from lukv_compile.storage import RaggedStore
 
+EVICT_RANGE = "lukv::evict"  # torch.profiler's name for one layer's scoring + selection + compaction
+
 
 def real_queries(counts: np.ndarray, chunk: int, device: torch.device) -> torch.Tensor:
     """[B, C] bool: the chunk's real tokens, row b's last counts[b] (the padding is on the left)."""
@@ -78,8 +80,12 @@ def keep_mask(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, *
 def evict(store: RaggedStore, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
           window: int, adaptive: bool, scale: float, rope: Rope | None = None,
           queries: torch.Tensor | None = None) -> None:
-    """Keep each head's top-budget[b, h] candidates in `store` (see `keep_mask`)."""
-    scores = score_candidates(scorer, q, cand, scale, rope, queries)
-    kept = keep_mask(scores, cand.valid, torch.as_tensor(budget, device=scores.device), sink=sink, window=window,
-                     adaptive=adaptive)
-    store.replace(kept, cand.keys, cand.values, cand.positions)
+    """Keep each head's top-budget[b, h] candidates in `store` (see `keep_mask`).
+
+    The work is one `EVICT_RANGE` range in a torch.profiler trace (`lukv bench` times it from there).
+    """
+    with torch.profiler.record_function(EVICT_RANGE):
+        scores = score_candidates(scorer, q, cand, scale, rope, queries)
+        kept = keep_mask(scores, cand.valid, torch.as_tensor(budget, device=scores.device), sink=sink,
+                         window=window, adaptive=adaptive)
+        store.replace(kept, cand.keys, cand.values, cand.positions)

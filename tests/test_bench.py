@@ -19,11 +19,10 @@ POSITIVE = [
     "context", "num_threads", "prompt_tokens", "compression", "steps", "prefill_repeats", "e2e_tokens",
     "decode_steps_timed", "kv_bytes_lukv", "kv_bytes_full", "kv_bytes_ratio", *PER_DECODER,
     "tokens_per_s_ratio_lukv_plain", "tokens_per_s_ratio_lukv_static",
-    "prefill_s_lukv", "prefill_s_lukv_no_eviction", "prefill_s_plain", "prefill_s_static",
+    "prefill_s_lukv", "prefill_s_plain", "prefill_s_static", "prefill_eviction_s", "prefill_eviction_share_of_plain",
     "e2e_s_lukv", "e2e_s_plain", "e2e_s_static", "e2e_speedup_lukv_plain", "e2e_speedup_lukv_static",
     "attention_ms_lukv", "attention_ms_full_sdpa", "attention_speedup",
 ]
-DIFFERENCES = ["prefill_eviction_s", "prefill_eviction_share_of_plain"]  # of two timings: may be < 0 from noise
 
 
 def random_ids(context: int) -> torch.Tensor:
@@ -58,8 +57,6 @@ def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys, regional):
             "1", "aot_eager", 1, regional)
         for field in POSITIVE:
             assert row[field] > 0, field
-        for field in DIFFERENCES:
-            assert math.isfinite(row[field]), field
         assert set(row["compile_s"]) == set(bench.DECODERS)
         assert all(math.isfinite(v) for times in row["compile_s"].values() for v in times.values())
         for name in bench.DECODERS:
@@ -72,7 +69,6 @@ def test_bench_rows_on_tiny_models(restore_threads, tmp_path, capsys, regional):
         for base in ("plain", "static"):
             assert row[f"e2e_speedup_lukv_{base}"] == pytest.approx(row[f"e2e_s_{base}"] / row["e2e_s_lukv"])
         assert row["attention_speedup"] == pytest.approx(row["attention_ms_full_sdpa"] / row["attention_ms_lukv"])
-        assert row["prefill_eviction_s"] == pytest.approx(row["prefill_s_lukv"] - row["prefill_s_lukv_no_eviction"])
         assert row["prefill_eviction_share_of_plain"] == pytest.approx(
             row["prefill_eviction_s"] / row["prefill_s_plain"])
 
