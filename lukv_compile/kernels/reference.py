@@ -52,10 +52,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      length: np.ndarray, scale: float) -> torch.Tensor:
     """`segment_attention` for one real query per row and no empty head: a decode step."""
     b, hq, _, d = q.shape
-    group = hq // start.shape[1]
-    heads = [F.scaled_dot_product_attention(q[row:row + 1, head * group:(head + 1) * group],
-                                            keys[s:s + n].to(q.dtype)[None, None],
-                                            values[s:s + n].to(q.dtype)[None, None], scale=scale, enable_gqa=True)
-             for row, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist(), strict=True))
-             for head, (s, n) in enumerate(zip(starts, lengths, strict=True))]
+    h = start.shape[1]
+    groups = q.reshape(b * h, hq // h, 1, d)  # row-major (row, KV head): each KV head's GQA group of queries
+    # Plain slices and views: indexing with None costs more host time than the small SDPA calls themselves.
+    heads = [F.scaled_dot_product_attention(groups[i:i + 1], keys[s:s + n].to(q.dtype).view(1, 1, n, d),
+                                            values[s:s + n].to(q.dtype).view(1, 1, n, d), scale=scale,
+                                            enable_gqa=True)
+             for i, (s, n) in enumerate(zip(start.reshape(-1).tolist(), length.reshape(-1).tolist(), strict=True))]
     return torch.cat(heads, dim=1).view(b, hq, 1, d)
