@@ -11,7 +11,7 @@ from lukv_compile.budgets import keep_counts
 from lukv_compile.eval import methods
 from lukv_compile.eval.harness import evaluate
 from lukv_compile.profiling.oracle import record_prefill
-from lukv_compile.profiling.reconstruction import reconstruction_utility, repeat_ids
+from lukv_compile.profiling.reconstruction import POOL, reconstruction_utility, repeat_ids
 from lukv_compile.reconstruction import compress_context
 
 RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction"]
@@ -64,6 +64,19 @@ def test_the_cache_keeps_each_heads_budget_of_top_reconstruction_tokens(model):
             dropped = [j for j in range(4, 199) if j not in kept]
             assert min(scores[chosen]) >= max(scores[dropped])
     assert cache.nbytes() < 0.5 * 2 * 2 * 2 * 200 * 16 * 4  # layers x K/V x heads x tokens x dim x fp32
+
+
+def test_the_ranking_is_each_tokens_best_utility_over_its_neighbours(model):
+    """Pooled: a token scores the largest unpooled utility within POOL // 2 tokens either side (edges clipped)."""
+    ids = context(60, seed=4)
+    record = record_prefill(model, ids)
+    pooled = reconstruction_utility(model, record, ids[0].tolist())
+    raw = reconstruction_utility(model, record, ids[0].tolist(), pool=1)
+    assert POOL == 7 and pooled.shape == raw.shape == (2, 2, 60)
+    for t in range(60):
+        window = raw[..., max(0, t - POOL // 2):t + POOL // 2 + 1]
+        torch.testing.assert_close(pooled[..., t], window.amax(dim=-1), rtol=0, atol=0)
+    assert not torch.equal(pooled, raw)
 
 
 def test_the_compressed_cache_continues_on_the_compiled_model(model):

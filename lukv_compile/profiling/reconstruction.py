@@ -4,7 +4,10 @@ A scorer that sees only the context cannot know which fact a later question will
 (the utility of the actual question) can. This ranks every context token instead by the oracle utility
 of a self-supervised question: the model is asked to repeat the context and the context is teacher-forced
 as its answer (KVzip's idea, Kim et al. 2025); a token's score is the profiler's utility (attention x
-value-output norm, max over the reconstruction's queries and the GQA group, `oracle.decode_importance`).
+value-output norm, max over the reconstruction's queries and the GQA group, `oracle.decode_importance`),
+max-pooled along the context over POOL tokens as SnapKV pools attention: a kept token keeps its
+neighbours' chance too, so a fact survives whole (a passkey's digits are one token each) rather than as
+the few tokens the repetition happened to read hardest.
 
 It needs a second forward over the full context, so it is no run-time scorer: the profiler ranks the
 calibration context with it (`lukv profile --scorer reconstruction`), `compress_context`
@@ -19,6 +22,9 @@ import copy
 import torch
 
 from lukv_compile.profiling.oracle import PrefillRecord, recording, utility_hook
+from lukv_compile.scorers.snapkv import pool_prefix
+
+POOL = 7  # tokens: SnapKV's published pooling width, not tuned on the evaluation
 
 REPEAT_REQUEST = "Repeat the text above exactly."
 PROMPT_FORMATS = ("chat", "plain")
@@ -54,8 +60,9 @@ def repeat_ids(tokenizer, context_text: str, chat: bool = True) -> list[int]:
 
 
 @torch.no_grad()
-def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int]) -> torch.Tensor:
-    """[L, H_kv, P] float32: the oracle utility of `reconstruction` over the recorded context (its cache is copied)."""
+def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int], pool: int = POOL) -> torch.Tensor:
+    """[L, H_kv, P] float32: the oracle utility of `reconstruction` over the recorded context (its cache is
+    copied), max-pooled over `pool` neighbouring tokens (1: unpooled)."""
     if not reconstruction:
         raise ValueError("the reconstruction token ids are empty")
     importance = torch.zeros(record.num_layers, record.num_kv_heads, record.context_len, device=record.k[0].device)
@@ -63,4 +70,4 @@ def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[in
     cache = copy.deepcopy(record.cache)
     with recording(model, utility_hook(importance, record)):
         model(input_ids=torch.tensor([reconstruction], device=record.k[0].device), cache=cache, logits_to_keep=1)
-    return importance
+    return pool_prefix(importance, 0, pool)

@@ -34,6 +34,7 @@ from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, RECON
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, oracle_importance, record_prefill
 from lukv_compile.profiling.reconstruction import (
+    POOL,
     REPEAT_REQUEST,
     chat_parts,
     check_prompt_format,
@@ -47,7 +48,8 @@ TEMPERATURE = 0.7
 SCOPES = ("global", "layer")
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
 CHAT_QUESTION = "chat template: the context opens the user's turn, the question ends it after a blank line"
-RECONSTRUCTION_PROMPT = f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced)"
+RECONSTRUCTION_PROMPT = (f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced); "
+                         f"utility max-pooled over {POOL} tokens")
 CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
 
 
