@@ -23,6 +23,7 @@ from lukv_compile.arguments import compression_arg, non_negative_int, positive_i
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
+from lukv_compile.profiling.reconstruction import POOL as RECONSTRUCTION_POOL
 from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
 
 DTYPES = ("float32", "bfloat16")
@@ -62,6 +63,9 @@ def add_profile(sub) -> None:
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
                    help="plain: the text, then 'Question: ... Answer:' (default); chat: the chat template as the "
                         "evaluation prompts (the text opens the user's turn, the question ends it)")
+    p.add_argument("--reconstruction-pool", type=positive_int, default=RECONSTRUCTION_POOL,
+                   help=f"with --scorer reconstruction: the pooling width of the ranking the budgets are solved "
+                        f"for (default {RECONSTRUCTION_POOL}, as compress_context ranks; 1: unpooled)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "
@@ -137,7 +141,8 @@ def run_profile(args) -> None:
                               context=context, questions=questions, source=source,
                               context_tokens=args.context_tokens, num_questions=args.questions, scope=args.scope,
                               seed=args.seed, keep_curves=args.save_curves, progress=not args.no_progress,
-                              shards=args.shards, prompt_format=args.prompt_format)
+                              shards=args.shards, prompt_format=args.prompt_format,
+                              reconstruction_pool=args.reconstruction_pool)
     elapsed = time.perf_counter() - start
     if rank == 0:
         for scorer, result in results.items():

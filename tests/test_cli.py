@@ -125,6 +125,7 @@ def test_bad_arguments_fail_before_work(args, message, capsys):
 @pytest.mark.parametrize("args", [
     ["profile", "smollm2", "--out", "x.safetensors", "--k-max", "0"],
     ["profile", "smollm2", "--out", "x.safetensors", "--scope", "heads"],
+    ["profile", "smollm2", "--out", "x.safetensors", "--scorer", "reconstruction", "--reconstruction-pool", "0"],
     ["inspect", "x.safetensors", "--compression", "1.5"],
     ["frobnicate"],
 ])

@@ -247,17 +247,20 @@ def chat_tokenizer():
     return tok
 
 
-@pytest.mark.parametrize("prompt_format", ["plain", "chat"])
-def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(model, prompt_format):
+@pytest.mark.parametrize("prompt_format,pool", [("plain", 7), ("chat", 1)])
+def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(model, prompt_format, pool):
     """`--scorer reconstruction`: the loss curves rank each head's tokens by their utility to repeating the
-    context; in chat format the context, the question and the repeat request are wrapped as the evaluation's."""
+    context (pooled as asked); in chat format the context, the question and the repeat request are wrapped
+    as the evaluation's."""
     tokenizer, context = chat_tokenizer(), "abcdefghij" * 8
     made = profile_scorers(model, tokenizer, ["reconstruction", "keydiff"], k_max=3, context=context,
-                           questions=["x?"], progress=False, keep_curves=True, prompt_format=prompt_format)
+                           questions=["x?"], progress=False, keep_curves=True, prompt_format=prompt_format,
+                           reconstruction_pool=pool)
     profile = made["reconstruction"].profile
     assert (profile.scorer, profile.sink, profile.window) == ("reconstruction", 4, 1)
     calibration = json.loads(profile.calibration)
     assert "Repeat the text above" in calibration["reconstruction"]
+    assert calibration["reconstruction"].endswith("max-pooled over 7 tokens" if pool == 7 else "unpooled")
     chat = prompt_format == "chat"
     assert (calibration["prompt_format"], calibration["prefix_tokens"]) == (prompt_format, int(chat))
     calib = calibration_inputs(tokenizer, context, ["x?"], prompt_format=prompt_format)
@@ -265,7 +268,7 @@ def test_reconstruction_profile_charges_the_oracle_in_the_repetitions_order(mode
     assert calib.question_ids[0].tolist() == [ord(c) for c in asked]
     assert calib.prefix_ids.tolist() == ([ord("<")] if chat else [])
     record = record_prefill(model, torch.cat([calib.prefix_ids, calib.context_ids]))
-    ranking = reconstruction_utility(model, record, repeat_ids(tokenizer, context, chat=chat))
+    ranking = reconstruction_utility(model, record, repeat_ids(tokenizer, context, chat=chat), pool)
     oracle = oracle_importance(model, record, calib.question_ids[0], 3, TEMPERATURE, 0,
                                eos_token_ids(model, tokenizer)).importance
     np.testing.assert_allclose(made["reconstruction"].curves[0], cum_losses(oracle, eviction_order(ranking, 4, 1)))

@@ -48,9 +48,13 @@ TEMPERATURE = 0.7
 SCOPES = ("global", "layer")
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
 CHAT_QUESTION = "chat template: the context opens the user's turn, the question ends it after a blank line"
-RECONSTRUCTION_PROMPT = (f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced); "
-                         f"utility max-pooled over {POOL} tokens")
 CALIBRATION_NAME = "Northanger Abbey excerpt (lukv_compile/data/calibration_northanger.txt)"
+
+
+def reconstruction_description(pool: int) -> str:
+    """The calibration record's account of the reconstruction ranking the budgets were solved for."""
+    return (f"the context, then '\\n\\n{REPEAT_REQUEST}', then the context again (teacher-forced); "
+            + (f"utility max-pooled over {pool} tokens" if pool > 1 else "utility unpooled"))
 
 
 # A calibration question that quotes a passage of the context with a name blanked out (the shipped set).
@@ -229,14 +233,16 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
                     k_max: int = 64, context: str | None = None, questions: Sequence[str] | None = None,
                     context_tokens: int | Sequence[int] = 4096, num_questions: int | None = None,
                     scope: str = "global", seed: int = 0, keep_curves: bool = False, progress: bool = True,
-                    shards: int = 1, prompt_format: str = "plain", source: dict | None = None
-                    ) -> dict[str, ProfileResult]:
+                    shards: int = 1, prompt_format: str = "plain", source: dict | None = None,
+                    reconstruction_pool: int = POOL) -> dict[str, ProfileResult]:
     """One oracle run, one Profile per scorer (window None: each scorer's default window).
 
     context_tokens: one length, or several (module docstring); in chat format each window is preceded by the
     template's start, so a profiled context is that prefix + the window. shards > 1: tensor-parallel
     profile, every shard's kept tokens within 5% of the others'. prompt_format: `calibration_inputs`.
     source: extra provenance recorded in each profile's calibration record (e.g. the calibration files' names).
+    reconstruction_pool: the pooling width of the reconstruction ranking the curves follow (run time pools
+    over POOL tokens; 1 solves the budgets for the unpooled ranking).
     """
     from lukv_compile.models import config_fingerprint, model_identity
 
@@ -275,8 +281,8 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         text_ids = calib.context_ids[part.start:part.start + part.length]
         context_len = prefix.numel() + part.length
         record = record_prefill(model, torch.cat([prefix, text_ids]))
-        orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, text_ids, prompt_format), sink,
-                                    windows[s]) for s in scorers}
+        orders = {s: eviction_order(calibration_ranking(s, model, tokenizer, record, text_ids, prompt_format,
+                                                        reconstruction_pool), sink, windows[s]) for s in scorers}
         for i in asked:
             result = oracle_importance(model, record, calib.question_ids[i], k_max, TEMPERATURE, seed + i, eos,
                                        skip_layers=excluded)
@@ -298,7 +304,8 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         "question_template": CHAT_QUESTION if prompt_format == "chat" else QUESTION_TEMPLATE, "shards": shards,
     } | ({"context_lengths": sorted(set(lengths)), "windows": [[p.start, p.length, len(p.questions)] for p in parts]}
          if len(parts) > 1 else {})
-      | ({"reconstruction": RECONSTRUCTION_PROMPT} if RECONSTRUCTION in scorers else {}) | (source or {}))
+      | ({"reconstruction": reconstruction_description(reconstruction_pool)} if RECONSTRUCTION in scorers else {})
+      | (source or {}))
     identity, fingerprint = model_identity(model), config_fingerprint(model.config)
     results = {}
     for s in scorers:
@@ -311,7 +318,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
 
 
 def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, text_ids: torch.Tensor,
-                        prompt_format: str = "plain") -> torch.Tensor:
+                        prompt_format: str = "plain", reconstruction_pool: int = POOL) -> torch.Tensor:
     """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context (T tokens, ending in the text
     `text_ids`).
 
@@ -321,7 +328,8 @@ def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, text
     if name == RECONSTRUCTION:
         special = set(tokenizer.all_special_ids)
         answer = [t for t in text_ids.tolist() if t not in special]
-        return reconstruction_utility(model, record, request_ids(tokenizer, chat=prompt_format == "chat") + answer)
+        return reconstruction_utility(model, record, request_ids(tokenizer, chat=prompt_format == "chat") + answer,
+                                      reconstruction_pool)
     return layer_scores(name, record.q, record.k, record.v, record.scaling, layer_ropes(model.config))
 
 
