@@ -24,7 +24,7 @@ from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
 from lukv_compile.profiling.reconstruction import POOL as RECONSTRUCTION_POOL
-from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
+from lukv_compile.profiling.reconstruction import PROMPT_FORMATS, check_pool
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -65,7 +65,7 @@ def add_profile(sub) -> None:
                         "evaluation prompts (the text opens the user's turn, the question ends it)")
     p.add_argument("--reconstruction-pool", type=positive_int, default=RECONSTRUCTION_POOL,
                    help=f"with --scorer reconstruction: the pooling width of the ranking the budgets are solved "
-                        f"for (default {RECONSTRUCTION_POOL}, as compress_context ranks; 1: unpooled)")
+                        f"for, odd (default {RECONSTRUCTION_POOL}, as compress_context ranks; 1: unpooled)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "
@@ -128,6 +128,7 @@ def run_profile(args) -> None:
 
     scorers = parse_scorers(args.scorer)
     check_scope(args.scope, args.shards)
+    check_pool(args.reconstruction_pool)
     paths = output_paths(args.out, scorers)
     context, questions, source = calibration_files(args.calibration_text, args.calibration_questions)
     if args.questions is not None and args.questions > len(questions):

@@ -114,6 +114,8 @@ def test_custom_calibration_text_needs_its_questions(tmp_path, capsys):
     (["profile", "smollm2", "--out", "/no/such/dir/x.safetensors"], "does not exist"),
     (["profile", "smollm2", "--questions", "31", "--out", "x.safetensors"], "only 30 calibration questions"),
     (["profile", "smollm2", "--shards", "3", "--scope", "layer", "--out", "x.safetensors"], "needs scope 'global'"),
+    (["profile", "smollm2", "--scorer", "reconstruction", "--reconstruction-pool", "4", "--out", "x.safetensors"],
+     "odd integer >= 1"),
     (["inspect", "/no/such/profile.safetensors"], "no such profile file"),
     (["solve", "/no/such/curves.npz", "--out", "x.safetensors"], "no such curves file"),
 ])

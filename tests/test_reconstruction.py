@@ -77,6 +77,9 @@ def test_the_ranking_is_each_tokens_best_utility_over_its_neighbours(model):
         window = raw[..., max(0, t - POOL // 2):t + POOL // 2 + 1]
         torch.testing.assert_close(pooled[..., t], window.amax(dim=-1), rtol=0, atol=0)
     assert not torch.equal(pooled, raw)
+    for bad in (0, 4):  # an even width has no centre: it would shift the scores by one token
+        with pytest.raises(ValueError, match=f"odd integer >= 1.*got {bad}"):
+            reconstruction_utility(model, record, ids[0].tolist(), pool=bad)
 
 
 def test_the_compressed_cache_continues_on_the_compiled_model(model):

@@ -31,6 +31,12 @@ PROMPT_FORMATS = ("chat", "plain")
 _MARK = "\x00context\x00"
 
 
+def check_pool(pool: int) -> None:
+    """The pooling width is centred on each token, so it must be odd (1: unpooled)."""
+    if not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
+        raise ValueError(f"the reconstruction pooling width must be an odd integer >= 1 (1: unpooled), got {pool!r}")
+
+
 def check_prompt_format(prompt_format: str) -> None:
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; allowed: {', '.join(PROMPT_FORMATS)}")
@@ -63,6 +69,7 @@ def repeat_ids(tokenizer, context_text: str, chat: bool = True) -> list[int]:
 def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int], pool: int = POOL) -> torch.Tensor:
     """[L, H_kv, P] float32: the oracle utility of `reconstruction` over the recorded context (its cache is
     copied), max-pooled over `pool` neighbouring tokens (1: unpooled)."""
+    check_pool(pool)
     if not reconstruction:
         raise ValueError("the reconstruction token ids are empty")
     importance = torch.zeros(record.num_layers, record.num_kv_heads, record.context_len, device=record.k[0].device)

@@ -37,6 +37,7 @@ from lukv_compile.profiling.reconstruction import (
     POOL,
     REPEAT_REQUEST,
     chat_parts,
+    check_pool,
     check_prompt_format,
     reconstruction_utility,
     request_ids,
@@ -250,6 +251,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
         raise ValueError(f"scorers must be a non-empty list without repeats, got {list(scorers)}")
     windows = {s: DEFAULT_WINDOW[check_ranking(s)] if window is None else window for s in scorers}
     check_scope(scope, shards)
+    check_pool(reconstruction_pool)
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     graph = head_graph(model.config, shards)
