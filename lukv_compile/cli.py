@@ -23,8 +23,7 @@ from lukv_compile.arguments import compression_arg, non_negative_int, positive_i
 from lukv_compile.bench import add_bench, add_demo
 from lukv_compile.eval import command as eval_command
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
-from lukv_compile.profiling.reconstruction import POOL as RECONSTRUCTION_POOL
-from lukv_compile.profiling.reconstruction import PROMPT_FORMATS, check_pool
+from lukv_compile.profiling.reconstruction import POOL, PROFILE_POOL, PROMPT_FORMATS, check_pool
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -63,9 +62,10 @@ def add_profile(sub) -> None:
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain",
                    help="plain: the text, then 'Question: ... Answer:' (default); chat: the chat template as the "
                         "evaluation prompts (the text opens the user's turn, the question ends it)")
-    p.add_argument("--reconstruction-pool", type=positive_int, default=RECONSTRUCTION_POOL,
+    p.add_argument("--reconstruction-pool", type=positive_int, default=PROFILE_POOL,
                    help=f"with --scorer reconstruction: the pooling width of the ranking the budgets are solved "
-                        f"for, odd (default {RECONSTRUCTION_POOL}, as compress_context ranks; 1: unpooled)")
+                        f"for, odd (default {PROFILE_POOL}: unpooled, measured better on SmolLM2 than {POOL}, "
+                        f"the width compress_context ranks with)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "

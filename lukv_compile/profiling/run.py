@@ -34,7 +34,7 @@ from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, RECON
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, oracle_importance, record_prefill
 from lukv_compile.profiling.reconstruction import (
-    POOL,
+    PROFILE_POOL,
     REPEAT_REQUEST,
     chat_parts,
     check_pool,
@@ -235,7 +235,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
                     context_tokens: int | Sequence[int] = 4096, num_questions: int | None = None,
                     scope: str = "global", seed: int = 0, keep_curves: bool = False, progress: bool = True,
                     shards: int = 1, prompt_format: str = "plain", source: dict | None = None,
-                    reconstruction_pool: int = POOL) -> dict[str, ProfileResult]:
+                    reconstruction_pool: int = PROFILE_POOL) -> dict[str, ProfileResult]:
     """One oracle run, one Profile per scorer (window None: each scorer's default window).
 
     context_tokens: one length, or several (module docstring); in chat format each window is preceded by the
@@ -243,7 +243,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     profile, every shard's kept tokens within 5% of the others'. prompt_format: `calibration_inputs`.
     source: extra provenance recorded in each profile's calibration record (e.g. the calibration files' names).
     reconstruction_pool: the pooling width of the reconstruction ranking the curves follow (run time pools
-    over POOL tokens; 1 solves the budgets for the unpooled ranking).
+    over POOL tokens; the default, PROFILE_POOL = 1, solves the budgets for the unpooled ranking).
     """
     from lukv_compile.models import config_fingerprint, model_identity
 
@@ -320,7 +320,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
 
 
 def calibration_ranking(name: str, model, tokenizer, record: PrefillRecord, text_ids: torch.Tensor,
-                        prompt_format: str = "plain", reconstruction_pool: int = POOL) -> torch.Tensor:
+                        prompt_format: str = "plain", reconstruction_pool: int = PROFILE_POOL) -> torch.Tensor:
     """Scores [L, H_kv, T] of ranking `name` on the recorded calibration context (T tokens, ending in the text
     `text_ids`).
 
