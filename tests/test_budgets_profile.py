@@ -1,5 +1,6 @@
 """Profile file format, budget rounding and the scorers' contracts."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,19 @@ def test_shipped_profiles_load_and_gemma_budgets_only_its_global_layers():
         keep = 1 - profile.fractions(0.8)
         assert (keep[list(profile.excluded_layers)] == 1).all()
         assert abs(keep[[5, 11, 17]].mean() - 0.2) < 1e-3
+
+
+def test_shipped_reconstruction_profile_is_what_the_default_recipe_records():
+    """docs/results.md's Reproduce re-makes it with the CLI defaults: budgets solved for the unpooled ranking."""
+    from lukv_compile.cli import build_parser
+    from lukv_compile.profiling.reconstruction import PROFILE_POOL
+    from lukv_compile.profiling.run import reconstruction_description
+
+    folder = Path(__file__).resolve().parents[1] / "lukv_compile" / "profiles"
+    calibration = json.loads(Profile.load(folder / "smollm2-135m-instruct-reconstruction.safetensors").calibration)
+    args = build_parser().parse_args(["profile", "smollm2", "--scorer", "reconstruction", "--out", "x.safetensors"])
+    assert args.reconstruction_pool == PROFILE_POOL == 1
+    assert calibration["reconstruction"] == reconstruction_description(PROFILE_POOL)
 
 
 def test_compression_zero_keeps_everything_and_row_lookup():
