@@ -15,9 +15,9 @@ import time
 import torch
 from transformers import LlamaConfig
 
-from lukv_compile.cache import LUKVCache
 from lukv_compile.eval.methods import PROFILE_DIR
 from lukv_compile.profile import Profile
+from lukv_compile.runtime.cache import LUKVCache
 
 SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, head_dim=64)
 

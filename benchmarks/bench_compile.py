@@ -2,7 +2,7 @@
 
 A prompt forward and one decode step on a fresh compiled model, then the same two calls again on a new
 cache: compile seconds = the first two calls minus the second two. `--warm` loads the artifacts an
-earlier `--save` run wrote (lukv_compile/warm.py) before compiling. Run each in its own process; point
+earlier `--save` run wrote (lukv_compile/compiler/warm_start.py) before compiling. Run each in its own process; point
 TORCHINDUCTOR_CACHE_DIR at a fresh folder to leave inductor's on-disk cache out of it.
 
     python benchmarks/bench_compile.py --inner inductor --save    # cold, writes the artifacts

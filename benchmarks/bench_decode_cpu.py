@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lukv_compile.kernels.reference import segment_attention
-from lukv_compile.selection import select_tokens
-from lukv_compile.storage import RaggedStore
+from lukv_compile.policy.selection import select_tokens
+from lukv_compile.runtime.storage import RaggedStore
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
 PROFILES = Path(__file__).resolve().parents[1] / "lukv_compile" / "profiles"
@@ -34,7 +34,7 @@ PROFILE = PROFILES / "smollm2-135m-instruct-window_expected_attention.safetensor
 
 def profile_budgets(context: int, compression: float) -> np.ndarray:
     """Keep counts [L, H] of the shipped SmolLM2 LU-KV profile (what the cache would keep)."""
-    from lukv_compile.budgets import keep_counts
+    from lukv_compile.policy.budgets import keep_counts
     from lukv_compile.profile import Profile
 
     profile = Profile.load(PROFILE)

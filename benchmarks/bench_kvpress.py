@@ -32,8 +32,8 @@ WARMUP_STEPS = 2
 
 
 def write_prompts(args) -> None:
-    from lukv_compile.bench import passkey_prompt
     from lukv_compile.models import load_tokenizer
+    from lukv_compile.tools.bench import passkey_prompt
 
     tokenizer = load_tokenizer("smollm2")
     out = Path(args.out)

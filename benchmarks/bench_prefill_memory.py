@@ -31,7 +31,7 @@ def measure(variant: str, context: int, chunk: int, compression: float) -> dict:
 
     from lukv_compile import LUKVCache
     from lukv_compile.models import load_model
-    from lukv_compile.prefill import chunked_prefill
+    from lukv_compile.runtime.chunked_prefill import chunked_prefill
 
     torch.set_num_threads(1)
     model, _ = load_model("smollm2")

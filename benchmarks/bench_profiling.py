@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lukv_compile.cli import load_model_arg
+from lukv_compile.policy.scorers import layer_ropes
 from lukv_compile.profiling import (
     calibration_inputs,
     cum_losses,
@@ -25,7 +25,7 @@ from lukv_compile.profiling import (
     prune_fractions,
     record_prefill,
 )
-from lukv_compile.scorers import layer_ropes
+from lukv_compile.tools.cli_args import load_model_arg
 
 SCORERS = ("snapkv", "keydiff", "expected_attention")
 WINDOWS = {"snapkv": 32, "keydiff": 1, "expected_attention": 1}

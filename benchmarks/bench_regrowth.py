@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from lukv_compile.storage import RaggedStore, segment_slots, starts_of
+from lukv_compile.runtime.storage import RaggedStore, segment_slots, starts_of
 
 SHAPES = {  # (batch, KV heads): tokens held per head of one row
     "SmolLM2 4k, batch 1": (1, [83, 1500, 875]),

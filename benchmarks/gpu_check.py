@@ -37,7 +37,7 @@ def keep_counts(batch: int, context: int, mean: float, rng: np.random.Generator)
 def ragged_layer(batch: int, context: int, compression: float, rng: np.random.Generator,
                  gen: torch.Generator):
     """A store holding keep[b, h] tokens per head (an eviction's result), then one decode token appended."""
-    from lukv_compile.storage import RaggedStore
+    from lukv_compile.runtime.storage import RaggedStore
 
     keep = keep_counts(batch, context, 1.0 - compression, rng)
     t = int(keep.max())

@@ -52,7 +52,7 @@ timeout 120 "$PYTHON" benchmarks/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 |
 bench_rc=${PIPESTATUS[0]}
 
 echo "== end-to-end bench on CUDA, bf16, reduce-overhead (limit 210 s)"
-timeout 210 "$PYTHON" -m lukv_compile.cli bench --device cuda --dtype bfloat16 --mode reduce-overhead \
+timeout 210 "$PYTHON" -m lukv_compile.tools.cli bench --device cuda --dtype bfloat16 --mode reduce-overhead \
     --weights random --contexts 4096,8192 --threads default --steps 20 --e2e-tokens 64 \
     --json "$OUT/bench_e2e_cuda.json" 2>&1 | tee "$OUT/e2e.log"
 e2e_rc=${PIPESTATUS[0]}

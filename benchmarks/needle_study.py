@@ -26,11 +26,11 @@ from lukv_compile.eval.methods import parse_methods, resolve
 from lukv_compile.eval.simulate import Variant, answer_with_oracle, variant_masks
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import eos_token_ids, load_model
+from lukv_compile.policy.scorers import layer_ropes
 from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.profiling.reconstruction import reconstruction_utility
-from lukv_compile.scorers import layer_ropes
 
 
 def needle_positions(context: list[int], answer_ids: list[int]) -> list[int]:

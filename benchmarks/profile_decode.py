@@ -15,9 +15,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lukv_compile.bench import passkey_prompt, shipped_profile
-from lukv_compile.cache import LUKVCache
 from lukv_compile.models import load_model
+from lukv_compile.runtime.cache import LUKVCache
+from lukv_compile.tools.bench import passkey_prompt, shipped_profile
 
 
 @torch.no_grad()

@@ -23,9 +23,9 @@ import argparse
 import torch
 
 import lukv_compile
-from lukv_compile.bench import passkey_prompt
 from lukv_compile.eval.methods import profile_path
 from lukv_compile.models import eos_token_ids, load_model
+from lukv_compile.tools.bench import passkey_prompt
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--context", type=int, default=1024, help="document length in tokens")

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import lukv_compile
-from lukv_compile.bench import passkey_prompt
 from lukv_compile.models import load_model
+from lukv_compile.policy.scorers import SCORERS
 from lukv_compile.profiling.run import profile_model
-from lukv_compile.scorers import SCORERS
+from lukv_compile.tools.bench import passkey_prompt
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a saved transformers model folder")

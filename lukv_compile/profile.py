@@ -9,7 +9,7 @@ leaves exact (sliding-window) are listed in `excluded_layers`, hold prune 0 and 
 On disk: one safetensors file with the tensor `prune_fractions` and a JSON metadata header saying which
 model, scorer, sink and window it was made for. Inference refuses a mismatch.
 
-A profile's `scorer` names the ranking its loss curves measured: a run-time scorer (lukv_compile/scorers/),
+A profile's `scorer` names the ranking its loss curves measured: a run-time scorer (lukv_compile/policy/scorers/),
 or `reconstruction` (profiling/reconstruction.py), which only `compress_context` applies: a cache holding
 such a profile is filled by that call and never evicts on its own.
 """
@@ -17,14 +17,15 @@ such a profile is filled by that call and never evicts on its own.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lukv_compile.scorers import DEFAULT_WINDOW as SCORER_WINDOW
-from lukv_compile.scorers import SCORERS as SCORERS  # re-exported: callers import the names from here too
+from lukv_compile.policy.scorers import DEFAULT_WINDOW as SCORER_WINDOW
+from lukv_compile.policy.scorers import SCORERS as SCORERS  # re-exported: callers import the names from here too
 
 FORMAT_VERSION = 1
 NUM_RATIOS = 99
@@ -46,7 +47,7 @@ class ProfileError(ValueError):
 
 
 def check_compression(compression: float) -> float:
-    if not isinstance(compression, (int, float)) or not 0.0 <= float(compression) < 1.0:
+    if not isinstance(compression, numbers.Real) or isinstance(compression, bool) or not 0.0 <= compression < 1.0:
         raise ValueError(f"compression must be a number in [0, 1) (0.8 keeps 20%), got {compression!r}")
     return float(compression)
 
@@ -146,12 +147,14 @@ class Profile:
         if (num_layers, num_kv_heads) != (self.num_layers, self.num_kv_heads):
             raise ProfileError(
                 f"profile is for {self.num_layers} layers x {self.num_kv_heads} KV heads, "
-                f"but the model has {num_layers} layers x {num_kv_heads} KV heads"
+                f"but the model has {num_layers} layers x {num_kv_heads} KV heads (a profile's shape must match "
+                "the model's, even with allow_other_model=True)"
             )
         if self.fingerprint and fingerprint and self.fingerprint != fingerprint:
             raise ProfileError(
                 f"profile was made for model fingerprint {self.fingerprint[:12]}..., "
-                f"this model's is {fingerprint[:12]}... ({self.model.get('name', 'unknown model')})"
+                f"this model's is {fingerprint[:12]}... ({self.model.get('name', 'unknown model')}); pass "
+                "allow_other_model=True to use it anyway"
             )
 
     def metadata(self) -> dict:

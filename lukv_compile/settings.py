@@ -3,16 +3,18 @@
 Both routes in end here: the backend's `options={...}` (`torch.compile(model, backend="lukv", options=...)`,
 `model.compile(...)`) and `LUKVCache(config, compression=..., ...)`. The cache carries the settings; the
 compiled ops read them from the cache at run time, so nothing of the policy is baked into a graph and
-changing it never recompiles. The backend itself only reads `inner` and `mode`; the compile hooks read `regional`.
+changing it never recompiles. The backend itself only reads `inner` and `mode`; the compile entry
+(compiler/entry.py) reads `regional`.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lukv_compile.policy.scorers import SCORERS
 from lukv_compile.profile import Profile
-from lukv_compile.scorers import SCORERS
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # inductor's modes (torch._inductor.list_mode_options). torch.compile takes `mode=` or `options=`, not both,
@@ -51,12 +53,15 @@ class LUKVSettings:
     prefill_chunk: int | None = None
     allow_other_model: bool = False
     inner: str = "inductor"
-    regional: bool = False  # compile one decoder layer instead of the whole model (regional.py)
+    # Compile one decoder layer, shared by all, instead of the whole model (compiler/regional.py). None: wherever
+    # the model allows it (transformers decoder layers, no sliding-window layers), else the whole model.
+    regional: bool | None = None
     mode: str | None = None  # inductor's mode (INDUCTOR_MODES); None: inductor's default
 
     def __post_init__(self) -> None:
         c = self.compression
-        _require(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c < 1.0, "compression", c,
+        # numbers.Real: numpy scalars (np.float32(0.8)) are numbers too
+        _require(isinstance(c, numbers.Real) and not isinstance(c, bool) and 0.0 <= c < 1.0, "compression", c,
                  "it must be a number in [0, 1) (0.8 keeps 20%)")
         object.__setattr__(self, "compression", float(c))
         _require(self.scorer is None or self.scorer in SCORERS, "scorer", self.scorer,
@@ -71,7 +76,8 @@ class LUKVSettings:
                  "it must be None (the prompt in one forward) or an int >= 1")
         _require(isinstance(self.allow_other_model, bool), "allow_other_model", self.allow_other_model,
                  "it must be True or False")
-        _require(isinstance(self.regional, bool), "regional", self.regional, "it must be True or False")
+        _require(self.regional is None or isinstance(self.regional, bool), "regional", self.regional,
+                 "it must be None (wherever the model allows), True or False")
         _require(self.inner in INNER_COMPILERS, "inner", self.inner, f"choose one of {', '.join(INNER_COMPILERS)}")
         _require(self.mode is None or self.mode in INDUCTOR_MODES, "mode", self.mode,
                  f"choose None or one of {', '.join(INDUCTOR_MODES)}")

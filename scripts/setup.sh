@@ -13,5 +13,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and exactly pinned: a looser spec makes pip fetch a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[model,test]"
+python -m pip install -q -e ".[model,test]" -c scripts/tested-versions.txt
 bash scripts/install_models.sh "$@"

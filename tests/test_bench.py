@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from lukv_compile import bench
-from lukv_compile.cli import build_parser
 from lukv_compile.profile import Profile
+from lukv_compile.tools import bench
+from lukv_compile.tools.cli import build_parser
 
 PER_DECODER = [f"{prefix}_{name}" for prefix in ("decode_ms", "tokens_per_s") for name in bench.DECODERS]
 POSITIVE = [
@@ -101,8 +101,9 @@ def test_bench_arguments_and_thread_settings():
 
 def test_random_weights_model_has_the_real_architecture():
     """`--weights random` (the GPU check) builds SmolLM2's shape: the shipped profiles apply to it."""
+    from lukv_compile.config import config_fingerprint
     from lukv_compile.eval.methods import shipped_profile
-    from lukv_compile.models import config_fingerprint, random_model
+    from lukv_compile.models import random_model
 
     model = random_model("smollm2", torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training

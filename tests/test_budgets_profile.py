@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lukv_compile.budgets import adaptive_keep, keep_counts, layer_keep_counts
+from lukv_compile.policy.budgets import adaptive_keep, keep_counts, layer_keep_counts
+from lukv_compile.policy.scorers import SCORERS, Rope, score
+from lukv_compile.policy.selection import protect_and_mask, select_tokens
 from lukv_compile.profile import Profile, ProfileError, ratio_row
-from lukv_compile.scorers import SCORERS, Rope, score
-from lukv_compile.selection import protect_and_mask, select_tokens
 
 fractions = st.integers(1, 6).flatmap(lambda layers: st.integers(1, 4).flatmap(
     lambda heads: st.lists(st.floats(0, 0.99), min_size=layers * heads, max_size=layers * heads).map(
@@ -88,9 +88,9 @@ def test_shipped_profiles_load_and_gemma_budgets_only_its_global_layers():
 
 def test_shipped_reconstruction_profile_is_what_the_default_recipe_records():
     """docs/results.md's Reproduce re-makes it with the CLI defaults: budgets solved for the unpooled ranking."""
-    from lukv_compile.cli import build_parser
     from lukv_compile.profiling.reconstruction import PROFILE_POOL
     from lukv_compile.profiling.run import reconstruction_description
+    from lukv_compile.tools.cli import build_parser
 
     folder = Path(__file__).resolve().parents[1] / "lukv_compile" / "profiles"
     calibration = json.loads(Profile.load(folder / "smollm2-135m-instruct-reconstruction.safetensors").calibration)

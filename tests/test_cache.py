@@ -13,15 +13,16 @@ from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 from lukv_compile import LUKVCache, LUKVCacheError, Profile, ProfileError
-from lukv_compile.cache import DECODE_SLACK, RaggedLayer
-from lukv_compile.models import config_fingerprint
+from lukv_compile.config import config_fingerprint
+from lukv_compile.runtime.layer import DECODE_SLACK, RaggedLayer
 
 PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 def lukv(model, **options):
-    return torch.compile(model, backend="lukv", options={"inner": "aot_eager", **options})
+    """The whole model compiled (regional=False): these tests count its graphs."""
+    return torch.compile(model, backend="lukv", options={"inner": "aot_eager", "regional": False, **options})
 
 
 def chunked_logits(forward, ids, mask, cuts, cache):
@@ -212,15 +213,6 @@ def test_eager_attention_and_uncompiled_models_get_clear_errors():
         plain(input_ids=ids, cache=LUKVCache(plain.config))
 
 
-def test_recompile_limit_is_named_when_it_sends_a_forward_to_eager():
-    model = tiny_model("llama")
-    compiled = lukv(model)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
-        compiled(input_ids=torch.ones(1, 20, dtype=torch.long), cache=LUKVCache(model.config))
-        with pytest.raises(RuntimeError, match="recompile_limit"):
-            compiled(input_ids=torch.ones(2, 20, dtype=torch.long), cache=LUKVCache(model.config))
-
-
 def test_conflicting_settings_are_refused():
     model = tiny_model("llama")
     ids, mask = left_padded_batch([20])
@@ -305,8 +297,8 @@ def test_chunked_prefill_in_generate_equals_eager_at_full_budget():
 
 
 def test_chunked_prefill_holds_at_most_budget_plus_chunk(monkeypatch):
-    from lukv_compile import cache as cache_module
-    from lukv_compile.prefill import chunked_prefill
+    from lukv_compile.runtime import layer as layer_module
+    from lukv_compile.runtime.chunked_prefill import chunked_prefill
 
     peaks = []
 
@@ -314,8 +306,8 @@ def test_chunked_prefill_holds_at_most_budget_plus_chunk(monkeypatch):
         peaks.append((store.length.max(), step["budget"].max()))  # held just before this eviction
         return evict(store, candidates, **step)
 
-    evict = cache_module.evict
-    monkeypatch.setattr(cache_module, "evict", watched_evict)
+    evict = layer_module.evict
+    monkeypatch.setattr(layer_module, "evict", watched_evict)
     model = tiny_model("llama", layers=2)
     cache = LUKVCache(model.config, compression=0.8, sink=2, window=4)
     ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(0))

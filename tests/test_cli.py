@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_profiling import save_tiny_model
 
-from lukv_compile.cli import main
 from lukv_compile.profile import NUM_RATIOS, Profile
+from lukv_compile.tools.cli import main
 
 
 @pytest.fixture(scope="module")

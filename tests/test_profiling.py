@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from tiny_models import tiny_gemma3
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lukv_compile.cache import LUKVCache, sliding_layers
+from lukv_compile.config import sliding_layers
 from lukv_compile.models import eos_token_ids
+from lukv_compile.policy.selection import protect_and_mask, select_tokens
 from lukv_compile.profile import NUM_RATIOS, Profile, ProfileError
 from lukv_compile.profiling import (
     calibration_inputs,
@@ -33,7 +34,7 @@ from lukv_compile.profiling import (
 from lukv_compile.profiling.oracle import value_output_weights
 from lukv_compile.profiling.reconstruction import reconstruction_utility, repeat_ids
 from lukv_compile.profiling.run import TEMPERATURE, Window, calibration_windows
-from lukv_compile.selection import protect_and_mask, select_tokens
+from lukv_compile.runtime.cache import LUKVCache
 from lukv_compile.solver import build_head_graph, unit_attr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_curves_are_monotone_and_charge_exactly_what_the_runtime_evicts(seed, t,
 
 
 def test_layer_scores_use_the_inference_scorer(model):
-    from lukv_compile import scorers
+    from lukv_compile.policy import scorers
 
     record = record_prefill(model, random_ids(24, 7))
     got = layer_scores("snapkv", record.q, record.k, record.v, record.scaling)
@@ -384,7 +385,7 @@ def run_cli(args: list[str], nproc: int = 1) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                 str(nproc), "-m"] if nproc > 1 else [sys.executable, "-m"]
-    done = subprocess.run([*launcher, "lukv_compile.cli", *args], env=env, capture_output=True, text=True,
+    done = subprocess.run([*launcher, "lukv_compile.tools.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lukv_compile import full_cache_nbytes
-from lukv_compile.bench import passkey_prompt
+from lukv_compile.tools.bench import passkey_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ from test_eval import CharTokenizer, lukv_compiled, tiny_profile
 from tiny_models import tiny_model
 
 from lukv_compile import LUKVCache, LUKVCacheError, Profile
-from lukv_compile.budgets import keep_counts
 from lukv_compile.eval import methods
 from lukv_compile.eval.harness import evaluate
+from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.profiling.reconstruction import POOL, reconstruction_utility, repeat_ids
-from lukv_compile.reconstruction import compress_context
+from lukv_compile.runtime.compress_context import compress_context
 
 RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction"]
 

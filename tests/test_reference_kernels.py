@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lukv_compile import scorers
-from lukv_compile.budgets import adaptive_keep
-from lukv_compile.eviction import Candidates, evict
 from lukv_compile.kernels.reference import segment_attention
-from lukv_compile.scorers import SCORERS, Rope
-from lukv_compile.selection import protect_and_mask, select_tokens
-from lukv_compile.storage import MIN_ROOM, RaggedStore, room_for, segment_slots
+from lukv_compile.policy import scorers
+from lukv_compile.policy.budgets import adaptive_keep
+from lukv_compile.policy.eviction import Candidates, evict
+from lukv_compile.policy.scorers import SCORERS, Rope
+from lukv_compile.policy.selection import protect_and_mask, select_tokens
+from lukv_compile.runtime.storage import MIN_ROOM, RaggedStore, room_for, segment_slots
 
 GARBAGE = 50.0  # free slots get stale finite values; a kernel that reads one is off by about this much
 ROPE = Rope.from_theta(8, 10000.0)  # every scorer test here uses head_dim 8; expected_attention needs RoPE

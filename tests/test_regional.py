@@ -19,8 +19,8 @@ from tiny_models import (
 from torch._dynamo.utils import counters
 
 from lukv_compile import LUKVCache
-from lukv_compile.cache import full_cache_nbytes
-from lukv_compile.regional import RegionalCompileError
+from lukv_compile.compiler.regional import RegionalCompileError
+from lukv_compile.runtime.cache import full_cache_nbytes
 
 # Layer graphs of one batch size: layer 0's first chunk (Dynamo specialises index 0 once), chunks with a
 # padding mask and without one (the eager glue drops an all-ones mask), decode steps.
@@ -120,4 +120,7 @@ def test_regional_full_budget_equals_eager_on_inductor():
         assert_same_conversation(compiled, reference, lengths, turns=((9, 4), (5, 3)))
 
     check()
-    assert 0 < counters["lukv"]["graphs_compiled"] <= REGIONAL_GRAPHS
+    for lengths in ([30, 30], [30, 21]):  # then every kind of layer graph exists: no padding mask, and one
+        ids, mask = left_padded_batch(lengths)
+        generate_logits(compiled, ids, mask, 2, cache=LUKVCache(model.config, compression=0.0))
+    assert counters["lukv"]["graphs_compiled"] == REGIONAL_GRAPHS

@@ -28,8 +28,6 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from lukv_compile import scorers  # noqa: E402
-from lukv_compile.eviction import Candidates, score_candidates  # noqa: E402
 from lukv_compile.kernels.reference import segment_attention  # noqa: E402
 from lukv_compile.kernels.triton_decode import (  # noqa: E402
     _decode_kernel,
@@ -37,9 +35,11 @@ from lukv_compile.kernels.triton_decode import (  # noqa: E402
     triton_decode_attention,
 )
 from lukv_compile.kernels.triton_snapkv import triton_window_attention_mean  # noqa: E402
-from lukv_compile.scorers import ScoreInputs, snapkv  # noqa: E402
-from lukv_compile.selection import select_tokens  # noqa: E402
-from lukv_compile.storage import RaggedStore  # noqa: E402
+from lukv_compile.policy import scorers  # noqa: E402
+from lukv_compile.policy.eviction import Candidates, score_candidates  # noqa: E402
+from lukv_compile.policy.scorers import ScoreInputs, snapkv  # noqa: E402
+from lukv_compile.policy.selection import select_tokens  # noqa: E402
+from lukv_compile.runtime.storage import RaggedStore  # noqa: E402
 
 
 @triton.jit

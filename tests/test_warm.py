@@ -1,9 +1,10 @@
-"""Warm start (lukv_compile/warm.py): where the compile artifacts live, and when there is nothing to do."""
+"""Warm start (compiler/warm_start.py): where the compile artifacts live, and when there is nothing to do."""
 
 import torch
 from tiny_models import left_padded_batch, tiny_model
 
-from lukv_compile import save_warm_start, warm, warm_start
+from lukv_compile import save_warm_start, warm_start
+from lukv_compile.compiler import warm_start as warm
 
 
 def test_artifacts_live_in_the_user_cache_keyed_by_torch_and_model(monkeypatch, tmp_path):

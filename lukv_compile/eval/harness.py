@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from lukv_compile.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.eval.methods import (
     ORACLE,
     RECONSTRUCTION,
@@ -34,10 +33,11 @@ from lukv_compile.eval.methods import (
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
-from lukv_compile.prefill import chunked_prefill
 from lukv_compile.profile import check_compression
 from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, repeat_ids
-from lukv_compile.reconstruction import compress_context
+from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
+from lukv_compile.runtime.chunked_prefill import chunked_prefill
+from lukv_compile.runtime.compress_context import compress_context
 
 ENGINES = ("simulated", "compiled")
 WARMUP_STEPS = 2  # decode steps per sample left out of the latency median (the first may compile)

@@ -11,7 +11,7 @@ accuracy and memory differences come from the policy alone, not from the impleme
               lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
-    scorers   any runtime scorer (lukv_compile.scorers), or `oracle`: tokens ranked by the oracle utility
+    scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
               `lukv:reconstruction` uses the profile solved for that ranking)
@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lukv_compile.cache import LUKVCache
-from lukv_compile.models import config_fingerprint
+from lukv_compile.config import config_fingerprint
 from lukv_compile.profile import RANKINGS, RECONSTRUCTION, SCORERS, Profile
+from lukv_compile.runtime.cache import LUKVCache
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 

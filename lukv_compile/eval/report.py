@@ -17,6 +17,7 @@ import numpy as np
 
 from lukv_compile.eval.harness import Result
 from lukv_compile.eval.methods import ORACLE, split_name
+from lukv_compile.profile import Profile
 
 BEGIN = "<!-- lukv eval: generated results begin -->"
 END = "<!-- lukv eval: generated results end -->"
@@ -247,6 +248,24 @@ def plot_accuracy(results: list[Result], path: str | Path) -> None:
 
 def plot_budgets(profile, path: str | Path, compression: float = 0.8) -> None:
     """Layers x KV heads keep-fraction heatmap of a profile (the `lukv inspect --png` picture)."""
-    from lukv_compile.cli import save_heatmap
 
     save_heatmap(profile, compression, Path(path))
+
+
+def save_heatmap(profile: Profile, compression: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = 1.0 - profile.fractions(compression)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * profile.num_kv_heads + 2), max(3.0, 0.18 * profile.num_layers + 1)))
+    image = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(0, profile.num_kv_heads, max(1, profile.num_kv_heads // 16)))
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{profile.scorer} keep fraction\ncompression {compression:g}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="keep fraction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -10,7 +10,7 @@ per-head keep mask plus its own question and answer tokens. Rows leave the batch
 The `oracle` scorer ranks tokens by the oracle utility of the actual question (the profiler's
 definition: attention x value-output norm, max over queries and the GQA group), recorded while the
 full cache answers it: a query-aware ceiling for every budget allocation. The `reconstruction` scorer
-ranks them by the utility of repeating the context (task-agnostic; lukv_compile/reconstruction.py).
+ranks them by the utility of repeating the context (task-agnostic; lukv_compile/runtime/compress_context.py).
 
 Two protocols: `agnostic` (LU-KV's: the context is compressed before the question is seen, which is
 then one forward over the kept context) and `aware` (the question is part of the compressed prompt).
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lukv_compile import scorers
-from lukv_compile.budgets import keep_counts
 from lukv_compile.eval.methods import ORACLE, RECONSTRUCTION, Method
-from lukv_compile.eviction import keep_mask
+from lukv_compile.policy import scorers
+from lukv_compile.policy.budgets import keep_counts
+from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording, utility_hook
 from lukv_compile.profiling.reconstruction import reconstruction_utility

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lukv_compile.kernels.ops import MARKER_ARGS
+from lukv_compile.runtime.ops import MARKER_ARGS
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MARKER_TARGETS = (torch.ops.lukv.cache_marker, torch.ops.lukv.cache_marker.default)
@@ -33,7 +33,7 @@ class UnsupportedAttention(RuntimeError):
 
 @dataclass(frozen=True)
 class Marker:
-    """A `lukv::cache_marker` call, its arguments read by name (the schema in kernels/ops.py)."""
+    """A `lukv::cache_marker` call, its arguments read by name (the schema in runtime/ops.py)."""
 
     node: fx.Node
 

@@ -1,4 +1,4 @@
-"""Rewrite each cache-backed SDPA into one `lukv::attend` op (kernels/ops.py).
+"""Rewrite each cache-backed SDPA into one `lukv::attend` op (runtime/ops.py).
 
 The op serves a query chunk of any length: the prompt, a new turn, a prefill chunk or one decode
 token, so there is no prefill/decode split and one graph serves every chunk length Dynamo sees as
@@ -13,9 +13,9 @@ import math
 
 import torch
 from torch import fx
-from torch._dynamo.utils import counters
 
-from lukv_compile.cache import report_once
+from lukv_compile import compat
+from lukv_compile.log import report_once
 from lukv_compile.passes.find_attention import AttentionSite, UnsupportedAttention, find_attention_sites, sdpa_arg
 
 
@@ -53,7 +53,7 @@ def rewrite_attention(gm: fx.GraphModule) -> list[AttentionSite]:
     if exact:
         report_once(f"lukv: {len(exact)} attention layer(s) left exact, their K/V do not come from a LUKVCache "
                     f"ragged layer (sliding-window layers): {', '.join(exact)}")
-        counters["lukv"]["sdpa_left_exact"] += len(exact)
+        compat.counters()["lukv"]["sdpa_left_exact"] += len(exact)
     served = [site for site in sites if site.marker is not None]
     if served and torch.is_grad_enabled() and any(p.meta.get("example_value") is not None and
                                                   getattr(p.meta["example_value"], "requires_grad", False)
@@ -64,7 +64,7 @@ def rewrite_attention(gm: fx.GraphModule) -> list[AttentionSite]:
     for site in sites:
         if site.marker is not None:
             rewrite_site(gm.graph, site)
-            counters["lukv"]["sdpa_rewritten"] += 1
+            compat.counters()["lukv"]["sdpa_rewritten"] += 1
     gm.graph.lint()
     gm.recompile()
     return sites

@@ -1,6 +1,6 @@
 """Per-head loss curves: the oracle utility a scorer throws away when it evicts k tokens of a head.
 
-Scores come from `lukv_compile.scorers.score` on the context prefill, exactly as inference computes
+Scores come from `lukv_compile.policy.scorers.score` on the context prefill, exactly as inference computes
 them. Protected tokens (first `sink`, last `window`) are never evicted, so they are left out. The
 rest are ranked like the runtime selection ranks them (descending, stable: ties keep the earlier
 token), and the head evicts from the bottom of that order: cum_loss[k] = sum of I over the k
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lukv_compile import scorers
-from lukv_compile.scorers import Rope
-from lukv_compile.selection import protect_and_mask
+from lukv_compile.policy import scorers
+from lukv_compile.policy.scorers import Rope
+from lukv_compile.policy.selection import protect_and_mask
 
 
 def check_protection(context_len: int, sink: int, window: int) -> int:

@@ -11,7 +11,7 @@ the few tokens the repetition happened to read hardest.
 
 It needs a second forward over the full context, so it is no run-time scorer: the profiler ranks the
 calibration context with it (`lukv profile --scorer reconstruction`), `compress_context`
-(lukv_compile/reconstruction.py) fills a cache with it, and the evaluation's simulated engine selects
+(lukv_compile/runtime/compress_context.py) fills a cache with it, and the evaluation's simulated engine selects
 with it.
 """
 
@@ -21,8 +21,8 @@ import copy
 
 import torch
 
+from lukv_compile.policy.scorers.snapkv import pool_prefix
 from lukv_compile.profiling.oracle import PrefillRecord, recording, utility_hook
-from lukv_compile.scorers.snapkv import pool_prefix
 
 POOL = 7  # tokens: SnapKV's published pooling width, not tuned on the evaluation
 # The ranking the profiler solves budgets for. Unpooled: on SmolLM2 the budgets solved for the unpooled

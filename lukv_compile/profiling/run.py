@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from lukv_compile import solver
-from lukv_compile.cache import sliding_layers, text_config
+from lukv_compile.config import sliding_layers, text_config
 from lukv_compile.models import eos_token_ids
+from lukv_compile.policy.scorers import layer_ropes
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, NUM_RATIOS, RECONSTRUCTION, Profile, check_ranking
 from lukv_compile.profiling.curves import check_protection, cum_losses, eviction_order, layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, oracle_importance, record_prefill
@@ -42,7 +43,6 @@ from lukv_compile.profiling.reconstruction import (
     reconstruction_utility,
     request_ids,
 )
-from lukv_compile.scorers import layer_ropes
 
 RATIOS = np.arange(1, NUM_RATIOS + 1) / 100
 TEMPERATURE = 0.7
@@ -245,7 +245,7 @@ def profile_scorers(model, tokenizer, scorers: Sequence[str], sink: int = DEFAUL
     reconstruction_pool: the pooling width of the reconstruction ranking the curves follow (run time pools
     over POOL tokens; the default, PROFILE_POOL = 1, solves the budgets for the unpooled ranking).
     """
-    from lukv_compile.models import config_fingerprint, model_identity
+    from lukv_compile.config import config_fingerprint, model_identity
 
     if not scorers or len(set(scorers)) != len(scorers):
         raise ValueError(f"scorers must be a non-empty list without repeats, got {list(scorers)}")

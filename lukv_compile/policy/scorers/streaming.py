@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lukv_compile.scorers.common import ScoreInputs, Scorer
+from lukv_compile.policy.scorers.common import ScoreInputs, Scorer
 
 
 def streaming_scores(x: ScoreInputs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lukv_compile.cache import LUKVCache
+from lukv_compile.runtime.cache import LUKVCache
 
 
 def packed(t: torch.Tensor) -> torch.Tensor:

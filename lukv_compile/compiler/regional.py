@@ -1,4 +1,5 @@
-"""Regional compilation (`options={"regional": True}`): compile one decoder layer, not the whole model.
+"""Regional compilation (the default wherever the model allows; `options={"regional": False}` compiles the
+whole model): compile one decoder layer, not the whole model.
 
 A decoder-only model repeats one layer class N times (SmolLM2: 30). Dynamo traces the whole model's
 forward in seconds per layer, twice (a chunk graph and a decode graph); traced per layer, the same code
@@ -11,26 +12,28 @@ What each layer needs to share one graph:
     symbolic input (`allow_unspec_int_on_nn_module`, set only around these calls), and `LUKVCache.update`
     passes it straight to the op without indexing a Python list (which would pin it);
   - the chunk's length is marked dynamic on every layer input that has it (hidden states, the mask, the
-    RoPE tables, positions), as hooks.prepare_chunk does for the model's inputs.
+    RoPE tables, positions), as chunks.prepare_chunk does for the model's inputs.
 Dynamo still specialises the first layer's index (0) once, and the eager glue hands the layers no mask
-when a chunk has no padding, so a process compiles four layer graphs per batch size: layer 0's first
+when a chunk has no padding, so a compiled model makes four layer graphs per batch size: layer 0's first
 chunk, chunks with a padding mask, chunks without, and decode steps. A second batch size compiles the
 set again with the batch dynamic, which then serves every later size.
 
-Models with sliding-window layers are refused: their cache layers differ by index (transformers' sliding
-layer or a ragged one), so the index would be pinned in every graph.
+Models with sliding-window layers compile whole by default and are refused with regional=True: their cache
+layers differ by index (transformers' sliding layer or a ragged one), so the index would be pinned in every
+graph. So are models without transformers decoder layers (plain PyTorch modules).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
-from torch._dynamo.eval_frame import _TorchDynamoContext
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from lukv_compile.cache import sliding_layers
+from lukv_compile import compat
+from lukv_compile.compiler.chunks import preparing_chunks
+from lukv_compile.config import sliding_layers
 
 
 class RegionalCompileError(ValueError):
@@ -42,7 +45,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     if not isinstance(model, torch.nn.Module):
         raise RegionalCompileError("lukv option regional=True compiles a model's decoder layers; it needs an "
                                    f"nn.Module, not {type(model).__name__} (compile without regional)")
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in model.modules() if isinstance(m, compat.decoder_layer_class())]
     if not layers:
         raise RegionalCompileError(f"lukv option regional=True: {type(model).__name__} has no transformers decoder "
                                    "layers (GradientCheckpointingLayer) to compile; compile without regional")
@@ -54,17 +57,25 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def regional_call(context: _TorchDynamoContext, model: torch.nn.Module, prepare):
+def can_compile_regionally(model) -> bool:
+    """Whether `decoder_layers(model)` would serve: what regional=None (the default) decides by."""
+    try:
+        decoder_layers(model)
+    except RegionalCompileError:
+        return False
+    return True
+
+
+def regional_call(compile_layer: Callable[[Callable], Callable], model: torch.nn.Module) -> Callable:
     """The model's forward run eagerly with each decoder layer on the compiled layer graph.
 
-    `context` is the Dynamo context of the user's compile call (its backend and options); `prepare` is
-    hooks.preparing_chunks, applied to the eager forward so masks and positions are built as in the
-    whole-model form.
+    `compile_layer(call)` compiles one layer's call (with the user's backend and options, through the
+    CompiledForward's own entry, so the layers share their graphs); the eager forward gets
+    chunks.preparing_chunks, so masks and positions are built as in the whole-model form.
     """
     layers = decoder_layers(model)
-    compiled = [marking_chunk_dynamic(_TorchDynamoContext.__call__.__wrapped__(context, layer._call_impl))
-                for layer in layers]
-    forward = prepare(functools.partial(torch.nn.Module._call_impl, model), model)
+    compiled = [marking_chunk_dynamic(compile_layer(compat.call_impl(layer))) for layer in layers]
+    forward = preparing_chunks(compat.call_impl(model), model)
 
     def call(*args, **kwargs):
         with layers_compiled(layers, compiled):
@@ -76,20 +87,15 @@ def regional_call(context: _TorchDynamoContext, model: torch.nn.Module, prepare)
 @contextlib.contextmanager
 def layers_compiled(layers: list[torch.nn.Module], compiled: list):
     """Within this block each layer's call runs its compiled call (nn.Module's own `_compiled_call_impl`)."""
-    before = [layer._compiled_call_impl for layer in layers]
+    before = [compat.compiled_call(layer) for layer in layers]
     for layer, call in zip(layers, compiled, strict=True):
-        layer._compiled_call_impl = call
+        compat.set_compiled_call(layer, call)
     try:
         yield
     finally:
         for layer, call in zip(layers, before, strict=True):
-            layer._compiled_call_impl = call
+            compat.set_compiled_call(layer, call)
 
-
-# Every layer graph is counted against one code object (transformers' decoder-layer call, shared by all
-# its layer classes) and a batch size adds up to four: Dynamo's default limit (8) would be hit by the third
-# batch size, after which layers would run eagerly (and lukv's ops refuse to). Raised around these calls only.
-LAYER_RECOMPILE_LIMIT = 32
 
 # Where a decoder layer's inputs hold the chunk's length, by rank (transformers' layout): [C] cache
 # positions, [B, C] position ids, [B, C, *] hidden states and RoPE tables, [B, 1, C, C] masks. By place,
@@ -99,9 +105,8 @@ SEQUENCE_DIMS = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}
 
 def marking_chunk_dynamic(compiled_layer):
     """`compiled_layer` with the chunk's length marked dynamic on its inputs and layer indices symbolic."""
-    limit = max(torch._dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
     # Built once: making a config patch defines a class (~40 us), per layer per decode step otherwise.
-    layer_config = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, recompile_limit=limit)
+    layer_config = compat.dynamo_settings(allow_unspec_int_on_nn_module=True)
 
     @functools.wraps(compiled_layer)
     def call(*args, **kwargs):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lukv_compile.cache import LUKVCache, RaggedLayer
-from lukv_compile.eviction import keep_mask
+from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.profiling.reconstruction import reconstruction_utility
-from lukv_compile.storage import RaggedStore
+from lukv_compile.runtime.cache import LUKVCache
+from lukv_compile.runtime.layer import RaggedLayer
+from lukv_compile.runtime.storage import RaggedStore
 
 
 def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int]) -> torch.Tensor:

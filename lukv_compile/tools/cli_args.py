@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lukv_compile.profile import check_compression
 
@@ -34,3 +35,21 @@ def compression_arg(text: str) -> float:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
+
+
+def load_model_arg(model: str, dtype: str):
+    """(model, tokenizer) for a registered model name or a saved transformers folder."""
+    import torch
+
+    from lukv_compile import models
+
+    torch_dtype = getattr(torch, dtype)
+    if Path(model).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa").eval()
+        return loaded, AutoTokenizer.from_pretrained(model)
+    if model not in models.MODELS:
+        raise ValueError(f"model {model!r} is neither a known name ({', '.join(sorted(models.MODELS))}) "
+                           "nor a folder holding a saved transformers model")
+    return models.load_model(model, dtype=torch_dtype)

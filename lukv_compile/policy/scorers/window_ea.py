@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lukv_compile.scorers.common import ScoreInputs, Scorer, group_mean, per_query_head, window_queries
+from lukv_compile.policy.scorers.common import ScoreInputs, Scorer, group_mean, per_query_head, window_queries
 
 WINDOW = 32
 EPSILON = 0.02

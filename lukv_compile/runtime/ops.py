@@ -10,9 +10,11 @@
         ragged storage, attend each query over its head's kept tokens plus the chunk's tokens up to itself,
         and evict when the cache's settings say so (cache.RaggedLayer.attend).
 
-`handle` is a 0-d int64 CPU tensor naming the cache (handles.py); `layer_idx` is the layer. The storage
+`handle` is a 0-d int64 CPU tensor naming the cache (registry.py); `layer_idx` is the layer. The storage
 and the policy live in the cache object, outside the graph: the graph never reads a tensor the ops
-mutate, so no compiler can reorder a read past a write, and policy changes never recompile. The marker's
+mutate, and policy changes never recompile. What `attend` changes is state the compiler cannot see, so it
+is declared an ordered side effect (compat.declare_ordered_effect): AOT threads an effect token through
+every call, and no pass may reorder two calls, merge two alike, or drop one whose output goes unused. The marker's
 argument names below are the schema the FX pass reads (passes/find_attention.py reads them by name).
 """
 
@@ -21,12 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lukv_compile import handles
+from lukv_compile import compat
+from lukv_compile.runtime import registry
 
 
 @torch.library.custom_op("lukv::cache_marker", mutates_args=())
 def cache_marker(k: Tensor, v: Tensor, handle: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
-    raise RuntimeError(handles.outside_backend_message(handle, layer_idx))
+    raise RuntimeError(registry.outside_backend_message(layer_idx))
 
 
 @cache_marker.register_fake
@@ -39,12 +42,14 @@ def _(k, v, handle, layer_idx):
 @torch.library.custom_op("lukv::attend", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, handle: Tensor,
            layer_idx: int, scale: float) -> Tensor:
-    return handles.layer(handle, layer_idx).attend(q, k, v, attn_mask, is_causal, scale)
+    return registry.layer(handle, layer_idx).attend(q, k, v, attn_mask, is_causal, scale)
 
 
 @attend.register_fake
 def _(q, *args):
     return q.new_empty(q.shape)
 
+
+compat.declare_ordered_effect("lukv::attend")
 
 MARKER_ARGS = tuple(a.name for a in torch.ops.lukv.cache_marker.default._schema.arguments)

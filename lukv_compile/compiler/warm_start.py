@@ -21,7 +21,7 @@ import torch
 
 def artifacts_path(model: torch.nn.Module) -> Path:
     """Where the compile artifacts for this model's architecture and this torch version are kept."""
-    from lukv_compile.models import config_fingerprint  # here: importing models sets HF_HUB_OFFLINE
+    from lukv_compile.config import config_fingerprint
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lukv"
     return root / f"torch-{torch.__version__}-{config_fingerprint(model.config)[:16]}.bin"

@@ -40,13 +40,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.arguments import compression_arg, positive_int, positive_ints
-from lukv_compile.cache import LUKVCache, RaggedLayer, full_cache_nbytes
-from lukv_compile.eviction import EVICT_RANGE
+from lukv_compile import compat
+from lukv_compile.compiler.warm_start import caching_disabled, save_warm_start, warm_start
 from lukv_compile.models import MODELS
+from lukv_compile.policy.eviction import EVICT_RANGE
 from lukv_compile.profile import Profile
+from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
+from lukv_compile.runtime.layer import RaggedLayer
 from lukv_compile.settings import INDUCTOR_MODES, LUKVSettings
-from lukv_compile.warm import caching_disabled, save_warm_start, warm_start
+from lukv_compile.tools.cli_args import compression_arg, positive_int, positive_ints
 
 WARMUP_STEPS = 2  # decode steps left out of the medians: the first compiles, the second may recompile
 # (the sequence length becomes a dynamic size)
@@ -111,7 +113,7 @@ def run_demo(args) -> None:
 
 
 def start_warm(model, inner: str) -> str:
-    """Load the compile artifacts an earlier run saved (lukv_compile/warm.py); one line saying what happened."""
+    """Load the compile artifacts an earlier run saved (compiler/warm_start.py); one line saying what happened."""
     if caching_disabled():
         return "warm start skipped: PyTorch's compile caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES)"
     if inner != "inductor":
@@ -365,7 +367,7 @@ def bench_threads(models: dict[str, Any], profile: Profile, prompt_ids: Callable
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # inductor's CPU kernels are specialised to the thread count they were compiled at
     # The three instances share their forwards' code objects, so their variants count against one limit.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    compat.raise_recompile_limit(RECOMPILE_LIMIT)
     runs = contenders(models, profile, opts)
     say(f"threads {label} ({threads}): lukv and static compile ({opts.inner}) at their first prefill and decode steps")
     for context in contexts:

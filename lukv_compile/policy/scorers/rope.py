@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lukv_compile.scorers.common import Rope
+from lukv_compile.policy.scorers.common import Rope
 
 
 def layer_rope(config, layer_type: str | None) -> Rope | None:

@@ -4,7 +4,8 @@ One `add_<command>` function per subcommand registers its arguments and handler;
 subcommands by writing one and listing it in COMMANDS.
 
     lukv profile smollm2 --scorer snapkv --out smollm2-snapkv.safetensors
-    torchrun --nproc-per-node 2 -m lukv_compile.cli profile smollm2 --scorer snapkv,keydiff --out p-{scorer}.safetensors
+    torchrun --nproc-per-node 2 -m lukv_compile.tools.cli profile smollm2 --scorer snapkv,keydiff \
+        --out p-{scorer}.safetensors
     lukv solve p-snapkv.curves.npz --out p-layer.safetensors --scope layer
     lukv inspect p-snapkv.safetensors --compression 0.8 --png keep.png
 """
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lukv_compile.arguments import compression_arg, non_negative_int, positive_int, positive_ints
-from lukv_compile.bench import add_bench, add_demo
-from lukv_compile.eval import command as eval_command
+from lukv_compile.eval.report import save_heatmap
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
 from lukv_compile.profiling.reconstruction import POOL, PROFILE_POOL, PROMPT_FORMATS, check_pool
+from lukv_compile.tools import eval_command
+from lukv_compile.tools.bench import add_bench, add_demo
+from lukv_compile.tools.cli_args import compression_arg, load_model_arg, non_negative_int, positive_int, positive_ints
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -101,24 +103,6 @@ def output_paths(out: str, scorers: list[str]) -> dict[str, Path]:
         if not path.parent.is_dir():
             raise CommandError(f"--out: folder {path.parent} does not exist")
     return paths
-
-
-def load_model_arg(model: str, dtype: str):
-    """(model, tokenizer) for a registered model name or a saved transformers folder."""
-    import torch
-
-    from lukv_compile import models
-
-    torch_dtype = getattr(torch, dtype)
-    if Path(model).is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa").eval()
-        return loaded, AutoTokenizer.from_pretrained(model)
-    if model not in models.MODELS:
-        raise CommandError(f"model {model!r} is neither a known name ({', '.join(sorted(models.MODELS))}) "
-                           "nor a folder holding a saved transformers model")
-    return models.load_model(model, dtype=torch_dtype)
 
 
 def run_profile(args) -> None:
@@ -264,25 +248,6 @@ def keep_table(profile: Profile, compression: float) -> str:
     budgeted = np.delete(keep, list(profile.excluded_layers), axis=0)
     rows.append(f"{'all':>5} {budgeted.mean():6.3f} {budgeted.min():6.3f} {budgeted.max():6.3f}")
     return "\n".join(rows)
-
-
-def save_heatmap(profile: Profile, compression: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keep = 1.0 - profile.fractions(compression)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * profile.num_kv_heads + 2), max(3.0, 0.18 * profile.num_layers + 1)))
-    image = ax.imshow(keep, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(0, profile.num_kv_heads, max(1, profile.num_kv_heads // 16)))
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{profile.scorer} keep fraction\ncompression {compression:g}", fontsize=10)
-    fig.colorbar(image, ax=ax, label="keep fraction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_inspect(args) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lukv_compile.scorers.common import ScoreInputs, Scorer
+from lukv_compile.policy.scorers.common import ScoreInputs, Scorer
 
 
 def keydiff_scores(x: ScoreInputs) -> torch.Tensor:

@@ -8,15 +8,25 @@ so the same step serves the prompt, a new turn, a prefill chunk and a long decod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from lukv_compile import scorers
-from lukv_compile.budgets import adaptive_keep
-from lukv_compile.scorers import Rope, snapkv
-from lukv_compile.selection import protect_and_mask, select_tokens
-from lukv_compile.storage import RaggedStore
+from lukv_compile.policy import scorers
+from lukv_compile.policy.budgets import adaptive_keep
+from lukv_compile.policy.scorers import Rope, snapkv
+from lukv_compile.policy.selection import protect_and_mask, select_tokens
+
+
+class Storage(Protocol):
+    """What eviction needs of a layer's storage (runtime/storage.py's RaggedStore)."""
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def replace(self, selected: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor) -> None: ...
+
 
 EVICT_RANGE = "lukv::evict"  # torch.profiler's name for one layer's scoring + selection + compaction
 
@@ -44,7 +54,7 @@ class Candidates:
         return cls(k, v, positions, real[:, None, :].expand(b, h, c))
 
     @classmethod
-    def from_store(cls, store: RaggedStore) -> Candidates:
+    def from_store(cls, store: Storage) -> Candidates:
         return cls(*store.dense())
 
 
@@ -77,7 +87,7 @@ def keep_mask(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor, *
     return select_tokens(scores, torch.minimum(keep, valid.sum(dim=-1)))
 
 
-def evict(store: RaggedStore, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
+def evict(store: Storage, cand: Candidates, q: torch.Tensor, budget: np.ndarray, *, scorer: str, sink: int,
           window: int, adaptive: bool, scale: float, rope: Rope | None = None,
           queries: torch.Tensor | None = None) -> None:
     """Keep each head's top-budget[b, h] candidates in `store` (see `keep_mask`).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lukv_compile.scorers.common import Rope, ScoreInputs, Scorer, group_mean, per_query_head
+from lukv_compile.policy.scorers.common import Rope, ScoreInputs, Scorer, group_mean, per_query_head
 
 N_SINK = 4
 N_FUTURE = 512

@@ -2,7 +2,7 @@
 
     lukv eval --model smollm2 --tasks passkey,niah_single --context 1024,4096 --samples 20 \
         --compression 0.5,0.8,0.9 --methods all --protocol agnostic,aware --out docs/results.md --json r.json
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m lukv_compile.cli eval ...   # samples sharded
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m lukv_compile.tools.cli eval ...   # samples sharded
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lukv_compile.eval.simulate import PROTOCOLS
 from lukv_compile.eval.tasks import TASKS
 from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
 from lukv_compile.settings import INNER_COMPILERS
+from lukv_compile.tools.cli_args import load_model_arg
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey"
 
@@ -97,7 +98,6 @@ def run(args) -> int:
         return report_from_json(args)
     import torch
 
-    from lukv_compile.cli import load_model_arg
 
     tasks = list(TASKS) if args.tasks == "all" else split_list(args.tasks, str, "tasks")
     contexts = split_list(args.context, int, "context")
@@ -163,7 +163,6 @@ def gather(results: list[Result], world: int) -> list[Result]:
 
 def report_from_json(args) -> int:
     """Merge the rows of earlier runs (e.g. methods split over processes) into one report."""
-    from lukv_compile.cli import load_model_arg
 
     if not args.out:
         raise ValueError("--from-json needs --out (the report to write)")
@@ -211,7 +210,7 @@ def write_outputs(results: list[Result], meta: dict, model, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lukv_compile.eval.command eval ...`: the same as `lukv eval ...`."""
+    """`python -m lukv_compile.tools.eval_command eval ...`: the same as `lukv eval ...`."""
     import argparse
     import sys
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from lukv_compile.scorers import expected_attention, keydiff, snapkv, streaming, window_ea
-from lukv_compile.scorers.common import Rope, ScoreInputs, Scorer
-from lukv_compile.scorers.rope import layer_ropes
+from lukv_compile.policy.scorers import expected_attention, keydiff, snapkv, streaming, window_ea
+from lukv_compile.policy.scorers.common import Rope, ScoreInputs, Scorer
+from lukv_compile.policy.scorers.rope import layer_ropes
 
 REGISTRY: dict[str, Scorer] = {s.name: s for s in (
     snapkv.SCORER, keydiff.SCORER, expected_attention.SCORER, window_ea.SCORER, streaming.SCORER)}

@@ -1,0 +1,85 @@
+"""CompiledForward: one lukv compile of a model (or function), owning its settings and its compiled graphs.
+
+What `torch.compile(model, backend="lukv", options=...)` makes the wrapper's forward, and what
+`model.compile(backend="lukv", options=...)` installs as the model's compiled call. Nothing is stored on
+the model: two compiles of one model are two CompiledForwards with their own options and graphs.
+
+Each CompiledForward enters Dynamo through a function with its own code object (`fresh_entry`). Dynamo keeps
+compiled graphs, and counts recompiles, per code object; entering through `nn.Module._call_impl` (what
+Dynamo would otherwise compile) shares one count with every model compiled in the process, so a notebook's
+fifth model would hit the limit. Each compile has its own LUKV_RECOMPILE_LIMIT, and reaching it raises
+`CompileLimitError` (never a silent eager fallback, which lukv's ops cannot run).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import types
+from collections.abc import Callable
+
+import torch
+
+from lukv_compile import compat
+from lukv_compile.compiler.chunks import preparing_chunks
+from lukv_compile.compiler.regional import can_compile_regionally, regional_call
+from lukv_compile.settings import LUKVSettings
+
+# Graphs one compiled model may make (Dynamo's default, 8, is shared by every model in the process): a chunk
+# and a decode graph per batch size and generate mode, four per batch size regionally (compiler/regional.py).
+LUKV_RECOMPILE_LIMIT = 64
+
+
+class CompileLimitError(RuntimeError):
+    """A lukv-compiled model reached its recompile limit; `torch._dynamo.reset()` clears it."""
+
+
+def _enter(call, *args, **kwargs):
+    return call(*args, **kwargs)
+
+
+_entries = itertools.count()
+
+
+def fresh_entry() -> Callable:
+    """`_enter` with a code object of its own: the first frame Dynamo compiles, so graphs are kept per compile."""
+    name = f"lukv_forward_{next(_entries)}"
+    code = _enter.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, _enter.__globals__, name)
+
+
+def dynamo_compiled(context, entry: Callable, call: Callable) -> Callable:
+    """`call` compiled by the user's Dynamo context (its backend and options), entered through `entry`."""
+    return compat.compile_with(context, functools.partial(entry, call))
+
+
+class CompiledForward:
+    """The compiled forward of `module` (or of the function `target` when module is None) with lukv `settings`.
+
+    `given` is the options dict as the user wrote it (generate() compares it with a cache's settings).
+    """
+
+    def __init__(self, context, settings: LUKVSettings, given: dict, module: torch.nn.Module | None = None,
+                 target: Callable | None = None):
+        self.settings, self.given, self.module = settings, given, module
+        self.regional = settings.regional if settings.regional is not None else can_compile_regionally(module)
+        entry = fresh_entry()
+        if self.regional:
+            self.call = regional_call(lambda call: dynamo_compiled(context, entry, call),
+                                      module if module is not None else target)
+        else:
+            compiled = dynamo_compiled(context, entry, compat.call_impl(module) if module is not None else target)
+            self.call = preparing_chunks(compiled, module)
+        self.limit = max(compat.recompile_limit(), LUKV_RECOMPILE_LIMIT)
+        self.limits = compat.dynamo_settings(recompile_limit=self.limit, fail_on_recompile_limit_hit=True)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            with self.limits:
+                return self.call(*args, **kwargs)
+        except compat.recompile_limit_error() as e:
+            raise CompileLimitError(
+                f"lukv: this compiled model reached Dynamo's recompile limit ({self.limit} graphs for one compile): "
+                "each new batch size, input form or generate mode compiles a graph pair. TORCH_LOGS=recompiles "
+                "says why each was made; torch._dynamo.reset() clears the graphs (and this limit); raise "
+                "torch._dynamo.config.recompile_limit above it before compiling to allow more") from e

@@ -1,0 +1,169 @@
+"""LUKVCache: a transformers `Cache` whose layers hold each KV head's kept tokens and nothing else.
+
+A compressible layer is a `RaggedLayer` (layer.py). The storage (storage.py), the counters and the settings
+live outside the graph, so:
+  - nothing needs sizing up front (no `prepare()`): storage grows as tokens arrive;
+  - the model reads the sequence length as a host int (`get_seq_length`), never as a tensor an op mutates;
+  - scorer, budgets, compression and eviction points are read at run time: changing them never recompiles.
+
+Sliding-window layers (Gemma 3, Mistral/Phi-3 configs with `sliding_window`) are not compressed: they
+use transformers' own `DynamicSlidingWindowLayer`, which is exact and already bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+from lukv_compile.config import config_fingerprint, head_dim_of, kv_shape, layer_kinds, sliding_layers, text_config
+from lukv_compile.policy.scorers import layer_ropes
+from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
+from lukv_compile.runtime import registry
+from lukv_compile.runtime.layer import FILL_BY_RECONSTRUCTION, LUKVCacheError, RaggedLayer
+from lukv_compile.settings import LUKVSettings
+
+
+class LUKVCache(Cache):
+    """KV cache with LU-KV per-head budgets and real ragged storage.
+
+    Args:
+        config: the model's config.
+        settings: a `LUKVSettings`; or give its fields as keywords (profile, compression, scorer, sink,
+            window, policy, evict, allow_other_model), validated the same way as the backend's options.
+
+    `profile` None means uniform budgets for `scorer` (default snapkv). A profile made for another model
+    (shape, or config fingerprint when the profile records one) is refused unless `allow_other_model=True`.
+    """
+
+    def __init__(self, config, settings: LUKVSettings | None = None, **kwargs):
+        if settings is not None and kwargs:
+            raise ValueError(f"give LUKVCache either settings= or keyword options, not both ({', '.join(kwargs)})")
+        settings = settings if settings is not None else LUKVSettings(**kwargs)
+        config = text_config(config)
+        self.settings = settings
+        self.kinds = layer_kinds(config)
+        if "ragged" not in self.kinds:
+            raise ValueError(f"every layer of this {getattr(config, 'model_type', 'model')} uses sliding-window "
+                             f"attention (sliding_window={config.sliding_window}), which LU-KV leaves exact: there is "
+                             "nothing to compress. If the model attends to its whole context in practice (contexts "
+                             "shorter than the window), set config.sliding_window = None")
+        self.shape = kv_shape(config)  # (layers, KV heads, head_dim): what a model must have to use this cache
+        self.num_kv_heads, self.head_dim = self.shape[1:]
+        self.warned: set[str] = set()  # what this cache has said once (RaggedLayer.warn_if_kept_whole)
+        self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
+        # Sliding layers need masks at true offsets (their window); without them masks can cover the chunk.
+        self.can_mask_chunks = "sliding" not in self.kinds
+        self.chunk_masks = False
+        self.profile = resolve_profile(settings, config, len(self.kinds), self.num_kv_heads)
+        if self.profile.scorer == RECONSTRUCTION and (settings.evict != "prompt" or settings.prefill_chunk):
+            raise ValueError(f"evict={settings.evict!r} / prefill_chunk={settings.prefill_chunk!r} evict after the "
+                             f"prompt, but {FILL_BY_RECONSTRUCTION}; keep evict='prompt' and no prefill_chunk")
+        self.ropes = layer_ropes(config)  # once per cache: each layer's RoPE frequencies, for the scorers
+        self.handle = registry.new_handle(self)
+        layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
+                  for i, kind in enumerate(self.kinds)]
+        super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.can_mask_chunks:
+            # Every layer is ragged: the marker straight away, without indexing `layers` (indexing a list
+            # pins layer_idx in a graph; regional compilation shares one graph across layers, regional.py).
+            return torch.ops.lukv.cache_marker(key_states, value_states, self.handle, layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_model(self, config) -> None:
+        """Raise, before any work, when the model this cache meets has another KV shape than it was built for."""
+        theirs = kv_shape(config)
+        if theirs != self.shape:
+            raise LUKVCacheError(f"this LUKVCache was built for a model with {describe_shape(self.shape)}, but it is "
+                                 f"used with a model with {describe_shape(theirs)}; build the cache from this model's "
+                                 "config: LUKVCache(model.config, ...)")
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0 if self.chunk_masks else super().get_query_offset(layer_idx)
+
+    @contextlib.contextmanager
+    def masks_over_chunk(self):
+        """Within this block transformers builds masks over the new chunk's columns alone (query and kv
+        offset 0), for inputs hooks.prepare_chunk cut to them. Only for caches that `can_mask_chunks`."""
+        self.set_chunk_masks(True)
+        try:
+            yield
+        finally:
+            self.set_chunk_masks(False)
+
+    def set_chunk_masks(self, on: bool) -> None:
+        self.chunk_masks = on
+        for layer in self.layers:
+            layer.chunk_masks = on
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache: keys, values and metadata of every layer."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, RaggedLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total
+
+    def reset(self) -> None:
+        self.checked_masks.clear()
+        for layer in self.layers:
+            layer.reset()
+
+    @contextlib.contextmanager
+    def evicting_every_chunk(self):
+        """Within this block every forward evicts each head back to its budget (chunked prefill)."""
+        ragged = [layer for layer in self.layers if isinstance(layer, RaggedLayer)]
+        for layer in ragged:
+            layer.evict_every_chunk = True
+        try:
+            yield
+        finally:
+            for layer in ragged:
+                layer.evict_every_chunk = False
+
+
+def describe_shape(shape: tuple[int, int, int]) -> str:
+    layers, heads, dim = shape
+    return f"{layers} layers, {heads} KV heads, head_dim {dim}"
+
+
+def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_heads: int) -> Profile:
+    """The profile the settings name (uniform when none), checked against the model and the settings."""
+    profile = settings.profile
+    if profile is None:
+        scorer = settings.scorer or "snapkv"
+        window = DEFAULT_WINDOW[scorer] if settings.window is None else settings.window
+        sink = DEFAULT_SINK if settings.sink is None else settings.sink
+        return Profile.uniform(num_layers, num_kv_heads, scorer=scorer, sink=sink, window=window)
+    asked = {"scorer": settings.scorer, "sink": settings.sink, "window": settings.window}
+    made = {"scorer": profile.scorer, "sink": profile.sink, "window": profile.window}
+    clash = {k: (asked[k], made[k]) for k in asked if asked[k] is not None and asked[k] != made[k]}
+    if clash:
+        detail = ", ".join(f"{k}={a!r} but the profile was made with {m!r}" for k, (a, m) in clash.items())
+        raise ValueError(f"settings do not match the profile: {detail}")
+    fingerprint = "" if settings.allow_other_model else config_fingerprint(config)
+    profile.check_model(num_layers, num_kv_heads, fingerprint)
+    # A layer the profile gave no budget must be one this cache leaves exact, or it would go uncompressed.
+    compressed = sorted(set(profile.excluded_layers) - set(sliding_layers(config)))
+    if compressed:
+        raise ProfileError(f"profile left layers {compressed} out of its budget (sliding-window when profiled), "
+                           "but this model compresses them")
+    return profile
+
+
+def full_cache_nbytes(config, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of transformers' uncompressed cache holding `tokens` positions, for ratios.
+
+    Every KV head of every layer; sliding-window layers hold at most their window, as transformers'
+    own caches do.
+    """
+    config = text_config(config)
+    window = getattr(config, "sliding_window", None) or tokens
+    held = sum(min(tokens, window) if kind == "sliding" else tokens for kind in layer_kinds(config))
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * batch * config.num_key_value_heads * held * head_dim_of(config) * element
