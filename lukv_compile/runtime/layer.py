@@ -18,6 +18,7 @@ from lukv_compile.kernels.reference import segment_attention
 from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.policy.eviction import Candidates, evict, real_queries
 from lukv_compile.profile import RECONSTRUCTION
+from lukv_compile.runtime import ops  # noqa: F401  (registers the lukv:: ops update() returns)
 from lukv_compile.runtime.storage import RaggedStore
 
 DECODE_SLACK = 64  # evict="always": a head is compressed back to its budget once it holds this many more tokens
