@@ -135,14 +135,6 @@ def inductor_mode_options(mode: str) -> dict:
     return list_mode_options(mode)
 
 
-# ---- custom ops with side effects (torch.library, private)
-
-
-def declare_ordered_effect(op) -> None:
-    """Tell the compiler `op` has side effects: never reordered against each other, merged or dropped."""
-    torch.library._register_effectful_op(op, torch.library.EffectType.ORDERED)
-
-
 # ---- transformers
 
 
@@ -224,9 +216,6 @@ def _touch_points() -> dict[str, Callable[[], Any]]:
 
         return "triton.cudagraphs" in list_mode_options("reduce-overhead")
 
-    def effects():
-        return hasattr(torch.library, "_register_effectful_op") and hasattr(torch.library.EffectType, "ORDERED")
-
     def generate():
         return "self" in inspect.signature(generation_mixin().generate).parameters
 
@@ -244,7 +233,6 @@ def _touch_points() -> dict[str, Callable[[], Any]]:
         "torch._dynamo.exc.FailOnRecompileLimitHit": lambda: issubclass(recompile_limit_error(), Exception),
         "torch._inductor (compile_fx, list_mode_options) and torch._dynamo.backends.debugging.aot_eager":
             inner_compilers,
-        "torch.library._register_effectful_op / EffectType.ORDERED": effects,
         "transformers GenerationMixin.generate": generate,
         "transformers.modeling_layers.GradientCheckpointingLayer": lambda: isinstance(decoder_layer_class(), type),
         "transformers.cache_utils (Cache(layers=), CacheLayerMixin, DynamicSlidingWindowLayer)": cache_layers,

@@ -194,10 +194,10 @@ def test_touch_points_are_all_present():
 
 
 def test_a_moved_touch_point_is_named_with_the_versions(monkeypatch):
-    monkeypatch.delattr(torch.library, "_register_effectful_op")
+    monkeypatch.delattr(torch._dynamo.exc, "FailOnRecompileLimitHit")
     failures = compat.check_touch_points()
     assert len(failures) == 1
-    assert "torch.library._register_effectful_op" in failures[0] and f"torch {torch.__version__}" in failures[0]
+    assert "torch._dynamo.exc.FailOnRecompileLimitHit" in failures[0] and f"torch {torch.__version__}" in failures[0]
 
 
 def test_hooks_are_one_pair_and_come_off():
@@ -225,9 +225,17 @@ def attend_three_times(q, k, v, q2, k2, v2, handle):
 WITHOUT_EFFECT = """
 import torch, lukv_compile
 from lukv_compile import LUKVCache
-from test_citizen import attend_three_times
+from lukv_compile.runtime import registry
 from tiny_models import tiny_model
-torch.library._register_effectful_op("lukv::attend", None)
+
+@torch.library.custom_op("lukvtest::attend", mutates_args=())  # the same op, declared free of side effects
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+           handle: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    return registry.layer(handle, layer_idx).attend(q, k, v, attn_mask, is_causal, scale)
+
+attend.register_fake(lambda q, *args: q.new_empty(q.shape))
+torch.ops.lukv.attend = torch.ops.lukvtest.attend
+from test_citizen import attend_three_times
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, h, 8, 16, generator=g) for h in (4, 2, 2))
 q2, k2, v2 = (torch.randn(1, h, 3, 16, generator=g) for h in (4, 2, 2))
@@ -239,7 +247,8 @@ print(cache.layers[0].seen)
 
 @pytest.mark.slow
 def test_inductor_neither_reorders_merges_nor_drops_attend():
-    """lukv::attend is an ordered side effect: an unused call still runs, two alike calls stay two, in order."""
+    """lukv::attend declares what it changes (the cache its handle names): an unused call still runs, two alike
+    calls stay two, in order."""
     config = tiny_model(layers=2).config
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 8, 16, generator=g) for h in (4, 2, 2))
@@ -256,8 +265,8 @@ def test_inductor_neither_reorders_merges_nor_drops_attend():
         torch.testing.assert_close(a, b)
     assert not torch.allclose(out[1], torch.ops.lukv.attend(q2, k2, v2, None, True,
                                                           LUKVCache(config).handle, 0, 0.25))  # the 2nd saw the 1st
-    # The check bites: without the declared effect (a fresh process: the effect registry is read once per op),
-    # inductor drops the unused call or merges the twins, and fewer tokens arrive.
+    # The check bites: the same op declared free of side effects (in a fresh process, so lukv::attend's
+    # registration is untouched here) has its unused call dropped or its twins merged: fewer tokens arrive.
     result = subprocess.run([sys.executable, "-c", WITHOUT_EFFECT], capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_gemma3, tiny_model
 
-from lukv_compile import scorers
+from lukv_compile.policy import scorers
+from lukv_compile.policy.scorers import expected_attention, snapkv
 from lukv_compile.profiling.oracle import record_prefill
-from lukv_compile.scorers import expected_attention, snapkv
 
 
 def kvpress_expected_attention(q_pre, keys, values, cos, sin, n_sink=4):
@@ -99,3 +99,95 @@ def test_snapkv_pools_the_prefix_only():
     prefix = s[:t - w]
     assert bool((prefix[7:14] == prefix[10]).all()) and prefix[10] > prefix[20]  # pooled around token 10
     assert prefix[-3:].max() < 0.1 * s[t - w]  # the window's token does not spill into the prefix
+
+
+def test_keydiff_scores_are_minus_cosine_to_the_mean_unit_key():
+    """KeyDiff by hand: anchor = mean of each head's valid unit keys, score = -cos(key, anchor)."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, t, d = 2, 3, 11, 8
+    k = torch.randn(b, h, t, d, generator=gen, dtype=torch.float64)
+    valid = torch.ones(b, h, t, dtype=torch.bool)
+    valid[0, 1, :4] = False  # left padding of one head
+    valid[1, 2, :7] = False  # a head holding fewer tokens than the longest
+    got = scorers.score("keydiff", torch.randn(b, 4 * h, 5, d, generator=gen), k.float(), torch.randn(b, h, t, d),
+                        valid)
+    assert got.shape == (b, h, t) and got.dtype == torch.float32
+    for i in range(b):
+        for j in range(h):
+            keys = k[i, j]
+            units = [keys[n] / math.sqrt(sum(x * x for x in keys[n].tolist())) for n in range(t)]
+            real = [n for n in range(t) if valid[i, j, n]]
+            anchor = sum(units[n] for n in real) / len(real)
+            anchor_norm = math.sqrt(sum(x * x for x in anchor.tolist()))
+            want = torch.tensor([-float(units[n] @ anchor) / anchor_norm for n in range(t)])
+            torch.testing.assert_close(got[i, j, real], want[real].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_keydiff_ranks_the_mean_key_lowest_and_ignores_padding():
+    s = 1 / math.sqrt(2)
+    # Unit keys e1, e2 and (e1 + e2)/sqrt(2): their mean points along e1 + e2, so the third key has cosine 1
+    # (score -1, the lowest possible) and the other two cosine 1/sqrt(2). The padded first slot must not pull
+    # the mean towards itself.
+    k = torch.tensor([[[[-9.0, 4.0], [1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]]])
+    valid = torch.tensor([[[False, True, True, True]]])
+    got = scorers.score("keydiff", torch.randn(1, 1, 2, 2), k, torch.ones(1, 1, 4, 2), valid)[0, 0]
+    torch.testing.assert_close(got[1:], torch.tensor([-s, -s, -1.0]))
+    assert int(got[1:].argmin()) == 2
+
+
+def window_ea_by_hand(q, k, v, valid, scale, window=32, epsilon=0.02):
+    """Window Expected Attention written out per (batch, query head): a Gaussian fit (mean, unbiased
+    covariance) of the last `window` queries, E[exp(q.k s)] = exp(s mu.k + s^2 k^T S k / 2) normalised over
+    the head's valid keys, averaged over the GQA group, plus epsilon, times ||v||."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, hq, c, d = q.shape
+    h, t = k.shape[1], k.shape[2]
+    group = hq // h
+    out = torch.zeros(b, h, t, dtype=torch.float64)
+    for i in range(b):
+        for head in range(hq):
+            kv = head // group  # query heads [kv*group, (kv+1)*group) share KV head kv
+            qw = q[i, head, max(c - window, 0):]
+            mu = qw.mean(dim=0)
+            cov = torch.cov(qw.T, correction=1) if len(qw) > 1 else torch.zeros(d, d, dtype=q.dtype)  # n - 1
+            logits = []
+            for n in range(t):
+                key = k[i, kv, n]
+                logits.append(scale * float(mu @ key) + 0.5 * scale**2 * float(key @ cov @ key))
+            real = [n for n in range(t) if valid[i, kv, n]]
+            top = max(logits[n] for n in real)
+            total = sum(math.exp(logits[n] - top) for n in real)
+            for n in real:
+                out[i, kv, n] += math.exp(logits[n] - top) / total / group
+    return (out + epsilon) * v.norm(dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [45, 6])  # more queries than the 32-query window, and fewer
+def test_window_expected_attention_scores_by_hand(chunk):
+    gen = torch.Generator().manual_seed(4)
+    b, hq, h, t, d = 2, 4, 2, 13, 8
+    q = torch.randn(b, hq, chunk, d, generator=gen) * 0.7
+    k, v = torch.randn(2, b, h, t, d, generator=gen)
+    valid = torch.ones(b, h, t, dtype=torch.bool)
+    valid[1, 0, :5] = False
+    got = scorers.score("window_expected_attention", q, k, v, valid, scale=0.3)
+    want = window_ea_by_hand(q, k, v, valid, scale=0.3)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1, 0, :5], 0.02 * v[1, 0, :5].norm(dim=-1))  # padding: no attention, only eps
+
+
+def test_window_expected_attention_hand_checkable_values():
+    e1 = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    values = torch.tensor([[[[1.0, 0, 0, 0], [0, 2.0, 0, 0]]]])
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    # One query (no covariance): attention softmax(q.k) = (3/4, 1/4) when q.k0 = ln 3 and q.k1 = 0.
+    q = e1.view(1, 1, 1, 4)
+    k = torch.stack([math.log(3) * e1, torch.zeros(4)]).view(1, 1, 2, 4)
+    got = scorers.score("window_expected_attention", q, k, values, valid, scale=1.0)[0, 0]
+    torch.testing.assert_close(got, torch.tensor([(0.75 + 0.02) * 1, (0.25 + 0.02) * 2]))
+    # Two queries +-e1 (mean 0, unbiased covariance 2 e1 e1^T): logit k.S.k / 2 = k_1^2, so k0 = sqrt(ln 3) e1
+    # draws 3/4 again (the biased covariance would give sqrt(3) : 1 instead).
+    q = torch.stack([e1, -e1]).view(1, 1, 2, 4)
+    k = torch.stack([math.sqrt(math.log(3)) * e1, torch.zeros(4)]).view(1, 1, 2, 4)
+    got = scorers.score("window_expected_attention", q, k, values, valid, scale=1.0)[0, 0]
+    torch.testing.assert_close(got, torch.tensor([(0.75 + 0.02) * 1, (0.25 + 0.02) * 2]))

@@ -11,11 +11,14 @@
         and evict when the cache's settings say so (cache.RaggedLayer.attend).
 
 `handle` is a 0-d int64 CPU tensor naming the cache (registry.py); `layer_idx` is the layer. The storage
-and the policy live in the cache object, outside the graph: the graph never reads a tensor the ops
-mutate, and policy changes never recompile. What `attend` changes is state the compiler cannot see, so it
-is declared an ordered side effect (compat.declare_ordered_effect): AOT threads an effect token through
-every call, and no pass may reorder two calls, merge two alike, or drop one whose output goes unused. The marker's
-argument names below are the schema the FX pass reads (passes/find_attention.py reads them by name).
+and the policy live in the cache object, outside the graph: the graph never reads storage the ops change,
+and policy changes never recompile. What `attend` changes is the cache the handle names, so it is declared
+to mutate `handle` (`mutates_args`): every call of one cache then depends on the one before it through the
+handle, and no compiler pass may reorder two calls, merge two alike, or drop one whose output goes unused
+(tests/test_citizen.py). The bytes of the handle never change; functionalisation and re-inplacing cost
+nothing at run time. (An ordered-effect declaration would do the same, but inductor cannot cache graphs
+holding its `with_effects` operator, so warm start would save nothing.) The marker's argument names below are
+the schema the FX pass reads (passes/find_attention.py reads them by name).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lukv_compile import compat
 from lukv_compile.runtime import registry
 
 
@@ -39,7 +41,7 @@ def _(k, v, handle, layer_idx):
 
 # cudagraph_unsafe: under mode="reduce-overhead" inductor captures CUDA graphs between the attend calls
 # (graph partitions) and runs attend itself eagerly: a replayed graph would skip its host-side work.
-@torch.library.custom_op("lukv::attend", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+@torch.library.custom_op("lukv::attend", mutates_args=("handle",), tags=(torch.Tag.cudagraph_unsafe,))
 def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, handle: Tensor,
            layer_idx: int, scale: float) -> Tensor:
     return registry.layer(handle, layer_idx).attend(q, k, v, attn_mask, is_causal, scale)
@@ -49,7 +51,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal:
 def _(q, *args):
     return q.new_empty(q.shape)
 
-
-compat.declare_ordered_effect("lukv::attend")
 
 MARKER_ARGS = tuple(a.name for a in torch.ops.lukv.cache_marker.default._schema.arguments)
