@@ -93,6 +93,11 @@ def dynamo_settings(**values):
     return torch._dynamo.config.patch(**values)
 
 
+def dynamic_sources(pattern: str):
+    """A reusable context manager: values whose Dynamo source name matches `pattern` start out dynamic."""
+    return torch.compiler.config.patch(dynamic_sources=pattern)
+
+
 def recompile_limit() -> int:
     return torch._dynamo.config.recompile_limit
 
@@ -207,7 +212,8 @@ def _touch_points() -> dict[str, Callable[[], Any]]:
     def dynamo_config():
         c = torch._dynamo.config
         return all(hasattr(c, name) for name in ("recompile_limit", "fail_on_recompile_limit_hit",
-                                                  "allow_unspec_int_on_nn_module"))
+                                                  "allow_unspec_int_on_nn_module")) and hasattr(
+            torch.compiler.config, "dynamic_sources")
 
     def inner_compilers():
         from torch._dynamo.backends.debugging import aot_eager  # noqa: F401
@@ -228,7 +234,8 @@ def _touch_points() -> dict[str, Callable[[], Any]]:
         "torch.nn.Module._compiled_call_impl / _call_impl": module_attributes,
         "torch._dynamo.eval_frame._TorchDynamoContext.__call__": context_call,
         "torch._TorchCompileWrapper (compiler_name, kwargs) and torch._dynamo.backends.registry": compile_wrapper,
-        "torch._dynamo.config (recompile_limit, fail_on_recompile_limit_hit, allow_unspec_int_on_nn_module)":
+        "torch._dynamo.config (recompile_limit, fail_on_recompile_limit_hit, allow_unspec_int_on_nn_module), "
+        "torch.compiler.config.dynamic_sources":
             dynamo_config,
         "torch._dynamo.exc.FailOnRecompileLimitHit": lambda: issubclass(recompile_limit_error(), Exception),
         "torch._inductor (compile_fx, list_mode_options) and torch._dynamo.backends.debugging.aot_eager":

@@ -13,7 +13,6 @@ fifth model would hit the limit. Each compile has its own LUKV_RECOMPILE_LIMIT, 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import types
 from collections.abc import Callable
@@ -34,23 +33,32 @@ class CompileLimitError(RuntimeError):
     """A lukv-compiled model reached its recompile limit; `torch._dynamo.reset()` clears it."""
 
 
-def _enter(call, *args, **kwargs):
-    return call(*args, **kwargs)
+def _entry_for(call):
+    def enter(*args, **kwargs):
+        return call(*args, **kwargs)
+
+    return enter
 
 
+_ENTRY_CODE = _entry_for(None).__code__
 _entries = itertools.count()
 
 
-def fresh_entry() -> Callable:
-    """`_enter` with a code object of its own: the first frame Dynamo compiles, so graphs are kept per compile."""
+def fresh_entry_code() -> types.CodeType:
+    """A code object of its own for one compile: Dynamo keeps graphs and counts recompiles per code object."""
     name = f"lukv_forward_{next(_entries)}"
-    code = _enter.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, _enter.__globals__, name)
+    return _ENTRY_CODE.replace(co_name=name, co_qualname=name)
 
 
-def dynamo_compiled(context, entry: Callable, call: Callable) -> Callable:
-    """`call` compiled by the user's Dynamo context (its backend and options), entered through `entry`."""
-    return compat.compile_with(context, functools.partial(entry, call))
+def entry_function(code: types.CodeType, call: Callable) -> Callable:
+    """`call` behind a plain function running `code`: the first frame Dynamo compiles. (A plain function, not
+    a partial: Dynamo wraps other callables in a function of its own, shared by every compile.)"""
+    return types.FunctionType(code, _entry_for.__globals__, code.co_name, None, (types.CellType(call),))
+
+
+def dynamo_compiled(context, code: types.CodeType, call: Callable) -> Callable:
+    """`call` compiled by the user's Dynamo context (its backend and options), entered through `code`."""
+    return compat.compile_with(context, entry_function(code, call))
 
 
 class CompiledForward:
@@ -63,12 +71,12 @@ class CompiledForward:
                  target: Callable | None = None):
         self.settings, self.given, self.module = settings, given, module
         self.regional = settings.regional if settings.regional is not None else can_compile_regionally(module)
-        entry = fresh_entry()
+        code = fresh_entry_code()  # one per compile: every layer of a regional compile shares its graphs
         if self.regional:
-            self.call = regional_call(lambda call: dynamo_compiled(context, entry, call),
+            self.call = regional_call(lambda call: dynamo_compiled(context, code, call),
                                       module if module is not None else target)
         else:
-            compiled = dynamo_compiled(context, entry, compat.call_impl(module) if module is not None else target)
+            compiled = dynamo_compiled(context, code, compat.call_impl(module) if module is not None else target)
             self.call = preparing_chunks(compiled, module)
         self.limit = max(compat.recompile_limit(), LUKV_RECOMPILE_LIMIT)
         self.limits = compat.dynamo_settings(recompile_limit=self.limit, fail_on_recompile_limit_hit=True)

@@ -9,13 +9,13 @@ norm, LM head) runs eagerly. The first call on SmolLM2 goes from ~14 s of tracin
 
 What each layer needs to share one graph:
   - its `layer_idx` must not be a constant of the graph: Dynamo treats the attention module's int as a
-    symbolic input (`allow_unspec_int_on_nn_module`, set only around these calls), and `LUKVCache.update`
-    passes it straight to the op without indexing a Python list (which would pin it);
+    symbolic input from the first call (`allow_unspec_int_on_nn_module` and `dynamic_sources`, set only
+    around these calls), and `LUKVCache.update` passes it straight to the op without indexing a Python list
+    (which would pin it);
   - the chunk's length is marked dynamic on every layer input that has it (hidden states, the mask, the
     RoPE tables, positions), as chunks.prepare_chunk does for the model's inputs.
-Dynamo still specialises the first layer's index (0) once, and the eager glue hands the layers no mask
-when a chunk has no padding, so a compiled model makes four layer graphs per batch size: layer 0's first
-chunk, chunks with a padding mask, chunks without, and decode steps. A second batch size compiles the
+The eager glue hands the layers no mask when a chunk has no padding, so a compiled model makes three layer
+graphs per batch size: chunks with a padding mask, chunks without, and decode steps. A second batch size compiles the
 set again with the batch dynamic, which then serves every later size.
 
 Models with sliding-window layers compile whole by default and are refused with regional=True: their cache
@@ -97,6 +97,8 @@ def layers_compiled(layers: list[torch.nn.Module], compiled: list):
             compat.set_compiled_call(layer, call)
 
 
+LAYER_INDEX_SOURCE = r".*\.layer_idx$"  # Dynamo's name for the attention module's index, read in cache.update()
+
 # Where a decoder layer's inputs hold the chunk's length, by rank (transformers' layout): [C] cache
 # positions, [B, C] position ids, [B, C, *] hidden states and RoPE tables, [B, 1, C, C] masks. By place,
 # not by size: a head_dim equal to the chunk's length must stay static.
@@ -106,7 +108,10 @@ SEQUENCE_DIMS = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}
 def marking_chunk_dynamic(compiled_layer):
     """`compiled_layer` with the chunk's length marked dynamic on its inputs and layer indices symbolic."""
     # Built once: making a config patch defines a class (~40 us), per layer per decode step otherwise.
-    layer_config = compat.dynamo_settings(allow_unspec_int_on_nn_module=True)
+    unspec_ints = compat.dynamo_settings(allow_unspec_int_on_nn_module=True)
+    # The layer index symbolic from the first call: else Dynamo first compiles layer 0 with its index constant
+    # and recompiles at layer 1, one graph more for nothing.
+    index_dynamic = compat.dynamic_sources(LAYER_INDEX_SOURCE)
 
     @functools.wraps(compiled_layer)
     def call(*args, **kwargs):
@@ -116,7 +121,7 @@ def marking_chunk_dynamic(compiled_layer):
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, tuple) else (value,):
                     mark_length_dynamic(tensor, chunk)
-        with layer_config:
+        with unspec_ints, index_dynamic:
             return compiled_layer(*args, **kwargs)
 
     return call
