@@ -157,8 +157,11 @@ def test_a_wrong_shape_profile_does_not_suggest_allow_other_model():
 def test_an_empty_prompt_is_a_clear_error():
     model = tiny_model(layers=2)
     compiled = torch.compile(model, backend="lukv", options=FAST)
+    empty = torch.zeros(1, 0, dtype=torch.long)
     with torch.no_grad(), pytest.raises(ValueError, match="input_ids has 0 tokens"):
-        compiled(input_ids=torch.zeros(1, 0, dtype=torch.long), cache=LUKVCache(model.config))
+        compiled(input_ids=empty, cache=LUKVCache(model.config))
+    with pytest.raises(ValueError, match="input_ids has 0 tokens"):
+        compiled.generate(empty, max_new_tokens=2)
 
 
 SNAPSHOT = """
