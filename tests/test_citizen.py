@@ -16,6 +16,7 @@ import lukv_compile
 from lukv_compile import CompileLimitError, LUKVCache, LUKVCacheError, LUKVWarning, Profile, ProfileError, compat
 from lukv_compile.compiler import forward as forward_module
 from lukv_compile.compiler.forward import CompiledForward
+from lukv_compile.models import load_tokenizer
 
 FAST = {"inner": "aot_eager"}
 
@@ -84,6 +85,20 @@ def test_a_notebook_of_models_and_generate_modes_keeps_working(monkeypatch):
         compiled.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
         graphs = compat.counters()["lukv"]["graphs_compiled"]
     assert graphs > 8  # more than one shared budget of 8 would have allowed
+
+
+def test_stop_strings_reuse_the_graphs_of_plain_generate():
+    """generate() hands its tokenizer down to the layers with stop_strings; it must not make new graphs."""
+    tokenizer = load_tokenizer("smollm2")
+    model = tiny_model(layers=2, vocab=len(tokenizer))
+    compiled = torch.compile(model, backend="lukv", options=FAST | {"compression": 0.0})
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    want = greedy(model, ids, stop_strings=["."], tokenizer=tokenizer)
+    compiled.generate(ids, max_new_tokens=6, do_sample=False)
+    graphs = compat.counters()["lukv"]["graphs_compiled"]
+    assert torch.equal(compiled.generate(ids, max_new_tokens=6, do_sample=False, stop_strings=["."],
+                                         tokenizer=tokenizer), want)
+    assert compat.counters()["lukv"]["graphs_compiled"] == graphs
 
 
 def test_a_genuine_limit_names_itself_and_clears_with_a_reset(monkeypatch):

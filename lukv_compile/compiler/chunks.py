@@ -62,6 +62,10 @@ def prepare_chunk(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> 
             positional = names[:len(args)]
             args = tuple(inputs[name] for name in positional) + args[len(positional):]
             kwargs = kwargs | {name: value for name, value in changed.items() if name not in positional}
+    if module is not None and "tokenizer" in kwargs and "tokenizer" not in parameters:
+        # generate(stop_strings=..., tokenizer=...) hands the tokenizer on to the forward, which passes it down
+        # to every decoder layer unused: Dynamo would guard on it (one graph pair more). No forward reads it.
+        kwargs = {name: value for name, value in kwargs.items() if name != "tokenizer"}
     mark_chunk_dynamic(inputs)
     return args, kwargs, relative
 
