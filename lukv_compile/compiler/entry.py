@@ -8,7 +8,8 @@ in pyproject.toml names `lukv_backend` here), and that is when lukv's two hooks 
    at once (a bad option raises from the compile call) and the result gets a `CompiledForward` owning them:
    - `torch.compile(model)`: the returned wrapper's forward, plus a `generate` of its own and
      `lukv_settings`; the model is left exactly as it was;
-   - `model.compile()` (in place, by its own definition): the model's compiled call.
+   - `model.compile()` (in place, by its own definition): the model's compiled call;
+   - `model.forward = torch.compile(model.forward, ...)` (transformers' recipe): the new forward.
 2. `GenerationMixin.generate`: runs on the compiled forward with a LUKVCache when the model's compiled call
    is a CompiledForward (compiler/generate.py); otherwise untouched.
 """
@@ -46,6 +47,10 @@ def on_compile(original, context, fn, *args, **kwargs):
         return with_forward(wrapper, CompiledForward(context, settings, options, module=fn))
     if compat.is_call_impl(fn):  # model.compile(): the call it installs on the model
         return CompiledForward(context, settings, options, module=fn.__self__)
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and getattr(fn, "__name__", None) == "forward":
+        # transformers' recipe: model.forward = torch.compile(model.forward, ...)
+        return CompiledForward(context, settings, options, module=owner, target=fn)
     return CompiledForward(context, settings, options, target=fn)
 
 

@@ -13,6 +13,7 @@ fifth model would hit the limit. Each compile has its own LUKV_RECOMPILE_LIMIT, 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import types
 from collections.abc import Callable
@@ -62,7 +63,9 @@ def dynamo_compiled(context, code: types.CodeType, call: Callable) -> Callable:
 
 
 class CompiledForward:
-    """The compiled forward of `module` (or of the function `target` when module is None) with lukv `settings`.
+    """The compiled forward of `module` with lukv `settings`: its call (hooks included), or `target` when given
+    (a module's own bound `forward`, as transformers' recipe `model.forward = torch.compile(model.forward)`
+    compiles it, or a plain function when module is None).
 
     `given` is the options dict as the user wrote it (generate() compares it with a cache's settings).
     """
@@ -71,13 +74,15 @@ class CompiledForward:
                  target: Callable | None = None):
         self.settings, self.given, self.module = settings, given, module
         self.regional = settings.regional if settings.regional is not None else can_compile_regionally(module)
+        run = target if target is not None else compat.call_impl(module)
+        if target is not None:
+            self.__signature__ = inspect.signature(target)  # what a module whose forward this replaces takes
         code = fresh_entry_code()  # one per compile: every layer of a regional compile shares its graphs
         if self.regional:
             self.call = regional_call(lambda call: dynamo_compiled(context, code, call),
-                                      module if module is not None else target)
+                                      module if module is not None else target, run)
         else:
-            compiled = dynamo_compiled(context, code, compat.call_impl(module) if module is not None else target)
-            self.call = preparing_chunks(compiled, module)
+            self.call = preparing_chunks(dynamo_compiled(context, code, run), module)
         self.limit = max(compat.recompile_limit(), LUKV_RECOMPILE_LIMIT)
         self.limits = compat.dynamo_settings(recompile_limit=self.limit, fail_on_recompile_limit_hit=True)
 

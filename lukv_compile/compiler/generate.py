@@ -5,17 +5,20 @@ only when the model's compiled call is a lukv `CompiledForward`: after `model.co
 for the duration of `compiled.generate(...)` on a `torch.compile(model, backend="lukv")` wrapper (which
 installs its own forward just for that call). Every other generate runs untouched.
 Everything that can be checked before tracing is checked here: attention implementation, cache type and
-shape, assisted decoding, use_cache=False, conflicting settings.
+shape, assisted decoding, use_cache=False, conflicting settings. `cache_implementation="static"` (transformers'
+torch.compile recipe) and "dynamic" are served by the LUKVCache; other kinds are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import fields
 
 from lukv_compile import compat
 from lukv_compile.compiler.forward import CompiledForward
+from lukv_compile.log import report_once
 from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.runtime.cache import LUKVCache
 from lukv_compile.runtime.chunked_prefill import chunked_prefill
@@ -26,21 +29,31 @@ COMPILE_FIELDS = ("inner", "regional", "mode")  # how to compile; the rest is th
 POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name not in COMPILE_FIELDS)
 
 
+def lukv_forward_of(model) -> CompiledForward | None:
+    """The model's lukv forward: its compiled call (model.compile / a wrapper's generate), or its forward
+    attribute (transformers' recipe `model.forward = torch.compile(model.forward, backend="lukv")`)."""
+    for forward in (compat.compiled_call(model), vars(model).get("forward")):
+        if isinstance(forward, CompiledForward):
+            return forward
+    return None
+
+
 def on_generate(original, model, *args, **kwargs):
-    forward = compat.compiled_call(model)
+    forward = lukv_forward_of(model)
     cache_key = "past_key_values" if "past_key_values" in kwargs else "cache"
     cache = kwargs.get(cache_key)
-    if not isinstance(forward, CompiledForward):
+    if forward is None:
         if isinstance(cache, LUKVCache):
             raise ValueError("generate() got a LUKVCache but the model is not compiled with the lukv backend: "
                              "call model.compile(backend='lukv', options=...), or compiled = torch.compile(model, "
                              "backend='lukv', options=...) and compiled.generate(...)")
         return original(model, *args, **kwargs)
     check_generate_request(model, kwargs)
-    cache = kwargs[cache_key] = cache_for_generate(model, forward, cache)
-    if cache.settings.prefill_chunk is not None:
-        prefill_before_generate(model, cache, args, kwargs)
-    return original(model, *args, **kwargs)
+    with cache_implementation_served(model, kwargs):
+        cache = kwargs[cache_key] = cache_for_generate(model, forward, cache)
+        if cache.settings.prefill_chunk is not None:
+            prefill_before_generate(model, cache, args, kwargs)
+        return original(model, *args, **kwargs)
 
 
 def generate_with(forward: CompiledForward):
@@ -75,8 +88,6 @@ def check_generate_request(model, kwargs: dict) -> None:
     if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
         raise ValueError("the model is compiled with the lukv backend, which compresses the KV cache; "
                          "use_cache=False would run without one (compile without lukv for that)")
-    if kwargs.get("cache_implementation") is not None:
-        raise ValueError("cache_implementation cannot be combined with the lukv backend: it builds a LUKVCache")
     implementation = getattr(model.config, "_attn_implementation", "sdpa")
     if implementation != "sdpa":
         raise ValueError(f"the model's attention implementation is {implementation!r}; the lukv backend rewrites "
@@ -99,6 +110,38 @@ def cache_for_generate(model, forward: CompiledForward, cache) -> LUKVCache:
     if cache.profile.scorer == RECONSTRUCTION and cache.get_seq_length() == 0:
         raise ValueError(f"generate() got an empty LUKVCache; {FILL_BY_RECONSTRUCTION}")
     return cache
+
+
+# Cache kinds a LUKVCache serves in their place: it grows as tokens arrive and, like a static cache, is compiled
+# once for every length (transformers' torch.compile recipe asks for "static" for exactly that).
+SERVED_CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+
+
+@contextlib.contextmanager
+def cache_implementation_served(model, kwargs: dict):
+    """Within this block generate() asks for no cache kind: `cache_implementation` (keyword, the generation config
+    passed, or the model's own, which transformers falls back to) is served by the LUKVCache. The model's own
+    config is restored after; the kinds a LUKVCache cannot stand in for are refused."""
+    passed = kwargs.get("generation_config")
+    asked = kwargs.pop("cache_implementation", None) or getattr(passed, "cache_implementation", None) or getattr(
+        model.generation_config, "cache_implementation", None)
+    if asked is not None and asked not in SERVED_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation={asked!r} cannot be combined with the lukv backend, which keeps "
+                         f"the KV cache in a LUKVCache; it stands in for {', '.join(SERVED_CACHE_IMPLEMENTATIONS)}")
+    if asked is None:
+        yield
+        return
+    report_once(f"lukv: cache_implementation={asked!r} is served by a LUKVCache (compressed, compiled once for "
+                "every length)")
+    if getattr(passed, "cache_implementation", None) is not None:
+        kwargs["generation_config"] = passed = copy.deepcopy(passed)
+        passed.cache_implementation = None
+    own = model.generation_config.cache_implementation
+    model.generation_config.cache_implementation = None
+    try:
+        yield
+    finally:
+        model.generation_config.cache_implementation = own
 
 
 GENERATE_STEP_INPUTS = {"use_cache": True, "return_dict": True, "logits_to_keep": 1}  # what generate() passes

@@ -66,8 +66,9 @@ def can_compile_regionally(model) -> bool:
     return True
 
 
-def regional_call(compile_layer: Callable[[Callable], Callable], model: torch.nn.Module) -> Callable:
-    """The model's forward run eagerly with each decoder layer on the compiled layer graph.
+def regional_call(compile_layer: Callable[[Callable], Callable], model: torch.nn.Module, run: Callable) -> Callable:
+    """The model's forward (`run`: its call, or its own bound forward) run eagerly with each decoder layer on the
+    compiled layer graph.
 
     `compile_layer(call)` compiles one layer's call (with the user's backend and options, through the
     CompiledForward's own entry, so the layers share their graphs); the eager forward gets
@@ -75,7 +76,7 @@ def regional_call(compile_layer: Callable[[Callable], Callable], model: torch.nn
     """
     layers = decoder_layers(model)
     compiled = [marking_chunk_dynamic(compile_layer(compat.call_impl(layer))) for layer in layers]
-    forward = preparing_chunks(compat.call_impl(model), model)
+    forward = preparing_chunks(run, model)
 
     def call(*args, **kwargs):
         with layers_compiled(layers, compiled):
