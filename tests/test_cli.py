@@ -142,3 +142,19 @@ def test_solve_rejects_a_file_that_is_not_curves(tmp_path, capsys):
     np.savez(bogus, other=np.zeros(3))
     assert main(["solve", str(bogus), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not a curves file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_as_the_readme_runs_it():
+    """`lukv demo` (the README's first command) in a fresh process: it finds the passkey and compresses."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lukv = Path(sys.executable).with_name("lukv")
+    out = subprocess.run([str(lukv), "demo"], capture_output=True, text=True, timeout=600, check=True).stdout
+    found = re.search(r"^answer: .*\(found the passkey (\d+)\)$", out, re.M)
+    assert found, out
+    ratio = float(re.search(r"^KV cache: .* \((\d+\.\d+)x\)$", out, re.M).group(1))
+    assert ratio < 0.3, out
