@@ -63,14 +63,13 @@ def text_config(config):
 def model_identity(model: Any) -> dict:
     """Shape facts a profile is tied to: id, model_type, layer count, query/KV heads, head_dim."""
     config = text_config(model.config)
-    num_q_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    num_layers, num_kv_heads, head_dim = kv_shape(config)
     return {
         "model_id": config.name_or_path,
         "model_type": config.model_type,
-        "num_layers": config.num_hidden_layers,
-        "num_q_heads": num_q_heads,
-        "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_q_heads,
+        "num_layers": num_layers,
+        "num_q_heads": config.num_attention_heads,
+        "num_kv_heads": num_kv_heads,
         "head_dim": head_dim,
     }
 

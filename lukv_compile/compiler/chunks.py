@@ -74,8 +74,8 @@ def check_not_empty(inputs: dict) -> None:
     """An empty chunk has nothing to attend from; say so before Dynamo fails on a zero-length shape."""
     for name in ("input_ids", "inputs_embeds"):
         tensor = inputs.get(name)
-        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 - (name == "input_ids") and (
-                tensor.shape[SEQUENCE_DIM[name]] == 0):
+        dim = SEQUENCE_DIM[name]
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= -dim and tensor.shape[dim] == 0:
             raise ValueError(f"lukv: {name} has 0 tokens (shape {tuple(tensor.shape)}); give at least one token")
 
 

@@ -10,7 +10,7 @@ norm, LM head) runs eagerly. The first call on SmolLM2 goes from ~14 s of tracin
 What each layer needs to share one graph:
   - its `layer_idx` must not be a constant of the graph: Dynamo treats the attention module's int as a
     symbolic input from the first call (`allow_unspec_int_on_nn_module` and `dynamic_sources`, set only
-    around these calls), and `LUKVCache.update` passes it straight to the op without indexing a Python list
+    around a regional forward), and `LUKVCache.update` passes it straight to the op without indexing a Python list
     (which would pin it);
   - the chunk's length is marked dynamic on every layer input that has it (hidden states, the mask, the
     RoPE tables, positions), as chunks.prepare_chunk does for the model's inputs.
@@ -77,9 +77,14 @@ def regional_call(compile_layer: Callable[[Callable], Callable], model: torch.nn
     layers = decoder_layers(model)
     compiled = [marking_chunk_dynamic(compile_layer(compat.call_impl(layer))) for layer in layers]
     forward = preparing_chunks(run, model)
+    # Layer indices symbolic, from the first call (else Dynamo first compiles layer 0 with its index constant and
+    # recompiles at layer 1, one graph more for nothing). Set once around the forward, not per layer: the eager
+    # glue between the layers compiles nothing, and a decode step would pay two patches per layer otherwise.
+    unspec_ints = compat.dynamo_settings(allow_unspec_int_on_nn_module=True)
+    index_dynamic = compat.dynamic_sources(LAYER_INDEX_SOURCE)
 
     def call(*args, **kwargs):
-        with layers_compiled(layers, compiled):
+        with layers_compiled(layers, compiled), unspec_ints, index_dynamic:
             return forward(*args, **kwargs)
 
     return call
@@ -107,13 +112,7 @@ SEQUENCE_DIMS = {1: (0,), 2: (1,), 3: (1,), 4: (2, 3)}
 
 
 def marking_chunk_dynamic(compiled_layer):
-    """`compiled_layer` with the chunk's length marked dynamic on its inputs and layer indices symbolic."""
-    # Built once: making a config patch defines a class (~40 us), per layer per decode step otherwise.
-    unspec_ints = compat.dynamo_settings(allow_unspec_int_on_nn_module=True)
-    # The layer index symbolic from the first call: else Dynamo first compiles layer 0 with its index constant
-    # and recompiles at layer 1, one graph more for nothing.
-    index_dynamic = compat.dynamic_sources(LAYER_INDEX_SOURCE)
-
+    """`compiled_layer` with the chunk's length marked dynamic on its inputs."""
     @functools.wraps(compiled_layer)
     def call(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -122,8 +121,7 @@ def marking_chunk_dynamic(compiled_layer):
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, tuple) else (value,):
                     mark_length_dynamic(tensor, chunk)
-        with unspec_ints, index_dynamic:
-            return compiled_layer(*args, **kwargs)
+        return compiled_layer(*args, **kwargs)
 
     return call
 

@@ -50,6 +50,7 @@ class LUKVCache(Cache):
                              "nothing to compress. If the model attends to its whole context in practice (contexts "
                              "shorter than the window), set config.sliding_window = None")
         self.shape = kv_shape(config)  # (layers, KV heads, head_dim): what a model must have to use this cache
+        self.checked_config = None  # the last model config check_model passed
         self.num_kv_heads, self.head_dim = self.shape[1:]
         self.warned: set[str] = set()  # what this cache has said once (RaggedLayer.warn_if_kept_whole)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
@@ -75,11 +76,14 @@ class LUKVCache(Cache):
 
     def check_model(self, config) -> None:
         """Raise, before any work, when the model this cache meets has another KV shape than it was built for."""
+        if config is self.checked_config:
+            return  # once per model config: this runs before every compiled call, decode steps included
         theirs = kv_shape(config)
         if theirs != self.shape:
             raise LUKVCacheError(f"this LUKVCache was built for a model with {describe_shape(self.shape)}, but it is "
                                  f"used with a model with {describe_shape(theirs)}; build the cache from this model's "
                                  "config: LUKVCache(model.config, ...)")
+        self.checked_config = config
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0 if self.chunk_masks else super().get_query_offset(layer_idx)
