@@ -9,14 +9,15 @@ backend through the package's entry point, and lukv's hooks go in when torch fir
 `warm_start(model)` before the first compiled call, `save_warm_start(model)` after it.
 """
 
-from lukv_compile.compiler.forward import CompileLimitError
+from lukv_compile.compiler.forward import CompileLimitError, buffer_cache
 from lukv_compile.compiler.warm_start import save_warm_start, warm_start
 from lukv_compile.profile import Profile, ProfileError
 from lukv_compile.profiling.reconstruction import repeat_ids
 from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.runtime.compress_context import compress_context
-from lukv_compile.runtime.layer import LUKVCacheError, LUKVWarning
+from lukv_compile.runtime.errors import LUKVCacheError, LUKVWarning
 from lukv_compile.settings import LUKVSettings
 
 __all__ = ["CompileLimitError", "LUKVCache", "LUKVCacheError", "LUKVSettings", "LUKVWarning", "Profile",
-           "ProfileError", "compress_context", "full_cache_nbytes", "repeat_ids", "save_warm_start", "warm_start"]
+           "ProfileError", "buffer_cache", "compress_context", "full_cache_nbytes", "repeat_ids", "save_warm_start",
+           "warm_start"]

@@ -60,6 +60,16 @@ def test_one_line():
 
 
 @pytest.mark.slow
+def test_gpt_fast_style():
+    out = run_example("gpt_fast_style.py", "--inner", "aot_eager")
+    assert "plain module == transformers: True" in out  # the conversion is right
+    assert "lukv at compression 0 == plain module: True" in out
+    passkey = re.search(r"^prompt: \d+ tokens, passkey (\d+); compression 0.8$", out, re.M).group(1)
+    assert_found(out, passkey)
+    assert ratios(out)[0] < 0.3 and "the buffers now hold 0 bytes" in out
+
+
+@pytest.mark.slow
 def test_explicit_cache_loop():
     # The default 1k-token document (at --context 512 the answer is "The pass key is a mnemonic device ...").
     out = run_example("explicit_cache_loop.py", "--inner", "aot_eager", "--context", "1024", "--max-new-tokens", "12")

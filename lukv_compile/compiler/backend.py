@@ -12,7 +12,8 @@ import torch
 from torch import fx
 
 from lukv_compile import compat
-from lukv_compile.passes import rewrite_attention
+from lukv_compile.compiler.forward import running_forward
+from lukv_compile.passes import find_buffer_attention, rewrite_attention, rewrite_buffer_attention
 from lukv_compile.runtime import ops  # noqa: F401  (registers the lukv:: ops)
 from lukv_compile.settings import LUKVSettings
 
@@ -25,13 +26,24 @@ def lukv_backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], *, mode
     inner, mode = settings.inner, mode or settings.mode
     if mode is not None and inner != "inductor":
         raise ValueError(f"lukv: mode={mode!r} is inductor's; it needs inner='inductor', got inner={inner!r}")
-    rewrite_attention(gm)
+    serve_attention(gm)
     compat.counters()["lukv"]["graphs_compiled"] += 1
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         return compat.aot_eager(gm, example_inputs)
     return compat.inductor(gm, example_inputs, inductor_patches(mode))
+
+
+def serve_attention(gm: fx.GraphModule) -> None:
+    """Rewrite the attentions over the model's own KV buffers (served by the compiled model's buffer cache, whose
+    handle the graph makes itself: a graph per compiled model) and those over a LUKVCache."""
+    sites = find_buffer_attention(gm.graph)
+    if sites:
+        query, buffer = sites[0].query.meta["example_value"], sites[0].keys.buffer.meta["example_value"]
+        cache = running_forward().cache_for_buffers(len(sites), query.shape[1], buffer.shape[1], buffer.shape[3])
+        rewrite_buffer_attention(gm, sites, int(cache.handle))
+    rewrite_attention(gm, buffers_served=len(sites))
 
 
 def inductor_patches(mode: str | None) -> dict | None:

@@ -124,9 +124,20 @@ def mark_chunk_dynamic(inputs: dict) -> None:
         # A custom 4-D mask keeps the forward static: with a symbolic length, transformers' SDPA path
         # slices the mask by the keys' size, a use of the cache's keys the pass must refuse.
         return
+    chunk = None
     for name, dim in SEQUENCE_DIM.items():
         tensor = inputs.get(name)
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= -dim and tensor.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(tensor, tensor.dim() + dim)
+            chunk = tensor.shape[dim]
+    if chunk is None:
+        return
+    # Inputs a model names its own way (gpt-fast's input_pos [C], torchtune's mask [B, C, S_max]): their
+    # dimensions of the chunk's length (past the batch dimension) are the chunk's too.
+    for name, tensor in inputs.items():
+        if name not in SEQUENCE_DIM and isinstance(tensor, torch.Tensor):
+            for dim in range(min(1, tensor.dim() - 1), tensor.dim()):
+                if tensor.shape[dim] == chunk:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 

@@ -13,6 +13,7 @@ fifth model would hit the limit. Each compile has its own LUKV_RECOMPILE_LIMIT, 
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import itertools
 import types
@@ -23,11 +24,18 @@ import torch
 from lukv_compile import compat
 from lukv_compile.compiler.chunks import preparing_chunks
 from lukv_compile.compiler.regional import can_compile_regionally, regional_call
+from lukv_compile.passes import UnsupportedAttention
+from lukv_compile.runtime.buffers import buffer_model_config
+from lukv_compile.runtime.cache import LUKVCache, describe_shape
 from lukv_compile.settings import LUKVSettings
 
 # Graphs one compiled model may make (Dynamo's default, 8, is shared by every model in the process): a chunk
 # and a decode graph per batch size and generate mode, four per batch size regionally (compiler/regional.py).
 LUKV_RECOMPILE_LIMIT = 64
+
+
+# The CompiledForward whose call is running: the backend, compiling a graph for it, reaches its buffer cache.
+_running: contextvars.ContextVar[CompiledForward | None] = contextvars.ContextVar("lukv_running", default=None)
 
 
 class CompileLimitError(RuntimeError):
@@ -68,6 +76,8 @@ class CompiledForward:
     compiles it, or a plain function when module is None).
 
     `given` is the options dict as the user wrote it (generate() compares it with a cache's settings).
+    `buffer_cache`: for a model that keeps its own KV buffers (gpt-fast), the LUKVCache serving them, made when
+    the first graph is compiled (`lukv_compile.buffer_cache(compiled)` returns it).
     """
 
     def __init__(self, context, settings: LUKVSettings, given: dict, module: torch.nn.Module | None = None,
@@ -85,8 +95,24 @@ class CompiledForward:
             self.call = preparing_chunks(dynamo_compiled(context, code, run), module)
         self.limit = max(compat.recompile_limit(), LUKV_RECOMPILE_LIMIT)
         self.limits = compat.dynamo_settings(recompile_limit=self.limit, fail_on_recompile_limit_hit=True)
+        self.buffer_cache: LUKVCache | None = None
+
+    def cache_for_buffers(self, layers: int, q_heads: int, kv_heads: int, head_dim: int) -> LUKVCache:
+        """The LUKVCache serving the model's own KV buffers: `layers` attentions over [B, kv_heads, S, head_dim]
+        buffers in one graph (made by the first graph, the same for every later one)."""
+        if self.buffer_cache is None:
+            config = buffer_model_config(self.module, layers, q_heads, kv_heads, head_dim)
+            self.buffer_cache = LUKVCache(config, self.settings)
+        elif self.buffer_cache.shape != (layers, kv_heads, head_dim):
+            raise UnsupportedAttention(
+                f"lukv: this graph attends over KV buffers of {describe_shape((layers, kv_heads, head_dim))}, but "
+                f"an earlier graph of this compiled model over {describe_shape(self.buffer_cache.shape)}: every "
+                "layer's attention must be in one graph (a graph break splits them: TORCH_LOGS=graph_breaks says "
+                "where)")
+        return self.buffer_cache
 
     def __call__(self, *args, **kwargs):
+        token = _running.set(self)
         try:
             with self.limits:
                 return self.call(*args, **kwargs)
@@ -96,3 +122,38 @@ class CompiledForward:
                 "each new batch size, input form or generate mode compiles a graph pair. TORCH_LOGS=recompiles "
                 "says why each was made; torch._dynamo.reset() clears the graphs (and this limit); raise "
                 "torch._dynamo.config.recompile_limit above it before compiling to allow more") from e
+        finally:
+            _running.reset(token)
+
+
+def running_forward() -> CompiledForward:
+    """The CompiledForward whose call is compiling the graph the backend has been given."""
+    forward = _running.get()
+    if forward is None:
+        raise UnsupportedAttention("lukv: a model keeping its own KV buffers must be compiled with "
+                                   "torch.compile(model, backend='lukv', ...) or model.compile(backend='lukv', ...), "
+                                   "which own the cache that serves them")
+    return forward
+
+
+def lukv_forward_of(model) -> CompiledForward | None:
+    """The model's lukv forward: its compiled call (model.compile / a wrapper's generate), or its forward
+    attribute (a torch.compile(model) wrapper's, or transformers' recipe `model.forward = torch.compile(...)`)."""
+    for forward in (compat.compiled_call(model), vars(model).get("forward")):
+        if isinstance(forward, CompiledForward):
+            return forward
+    return None
+
+
+def buffer_cache(model: torch.nn.Module) -> LUKVCache:
+    """The LUKVCache serving a lukv-compiled model that keeps its own KV buffers (gpt-fast, torchtune): what its
+    heads keep (`kept_positions()` per layer) and the bytes held (`nbytes()`). `model` is the torch.compile
+    wrapper, or the model after model.compile(backend="lukv")."""
+    forward = lukv_forward_of(model)
+    if forward is None:
+        raise ValueError(f"{type(model).__name__} was not compiled with the lukv backend: compile it with "
+                         "torch.compile(model, backend='lukv', ...) or model.compile(backend='lukv', ...)")
+    if forward.buffer_cache is None:
+        raise ValueError(f"this lukv-compiled {type(forward.module).__name__} keeps no KV buffers the lukv pass "
+                         "found (or has not run yet): a transformers model's cache is the one generate() returns")
+    return forward.buffer_cache

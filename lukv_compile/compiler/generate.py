@@ -17,7 +17,7 @@ import inspect
 from dataclasses import fields
 
 from lukv_compile import compat
-from lukv_compile.compiler.forward import CompiledForward
+from lukv_compile.compiler.forward import CompiledForward, lukv_forward_of
 from lukv_compile.log import report_once
 from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.runtime.cache import LUKVCache
@@ -27,15 +27,6 @@ from lukv_compile.settings import LUKVSettings
 
 COMPILE_FIELDS = ("inner", "regional", "mode")  # how to compile; the rest is the cache's policy
 POLICY_FIELDS = tuple(f.name for f in fields(LUKVSettings) if f.name not in COMPILE_FIELDS)
-
-
-def lukv_forward_of(model) -> CompiledForward | None:
-    """The model's lukv forward: its compiled call (model.compile / a wrapper's generate), or its forward
-    attribute (transformers' recipe `model.forward = torch.compile(model.forward, backend="lukv")`)."""
-    for forward in (compat.compiled_call(model), vars(model).get("forward")):
-        if isinstance(forward, CompiledForward):
-            return forward
-    return None
 
 
 def on_generate(original, model, *args, **kwargs):

@@ -11,6 +11,7 @@ the rewrite points it at the marker's input, which has the same shape.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -69,6 +70,12 @@ def is_call(node: fx.Node, targets) -> bool:
 
 def sdpa_arg(node: fx.Node, index: int, name: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def softmax_scale(sdpa: fx.Node) -> float:
+    """The scale an SDPA call applies: its `scale`, else 1/sqrt(head_dim) of its query."""
+    scale = sdpa_arg(sdpa, 6, "scale")
+    return float(scale) if scale is not None else 1.0 / math.sqrt(sdpa.args[0].meta["example_value"].shape[-1])
 
 
 def is_expansion_step(node: fx.Node) -> bool:

@@ -9,19 +9,18 @@ in silence is never what the user asked for.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import fx
 
 from lukv_compile import compat
 from lukv_compile.log import report_once
-from lukv_compile.passes.find_attention import AttentionSite, UnsupportedAttention, find_attention_sites, sdpa_arg
-
-
-def softmax_scale(site: AttentionSite) -> float:
-    scale = sdpa_arg(site.sdpa, 6, "scale")
-    return float(scale) if scale is not None else 1.0 / math.sqrt(site.query.meta["example_value"].shape[-1])
+from lukv_compile.passes.find_attention import (
+    AttentionSite,
+    UnsupportedAttention,
+    find_attention_sites,
+    sdpa_arg,
+    softmax_scale,
+)
 
 
 def rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
@@ -30,7 +29,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         out = graph.call_function(torch.ops.lukv.attend.default, (
             site.query, marker.arg("k"), marker.arg("v"), sdpa_arg(site.sdpa, 3, "attn_mask"),
             bool(sdpa_arg(site.sdpa, 5, "is_causal", False)), marker.arg("handle"), marker.layer_idx,
-            softmax_scale(site)))
+            softmax_scale(site.sdpa)))
     out.meta.update(site.sdpa.meta)
     for read, marker_input in site.size_reads:
         read.replace_input_with(read.args[0], marker_input)
@@ -41,21 +40,23 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
     graph.erase_node(marker.node)
 
 
-def rewrite_attention(gm: fx.GraphModule) -> list[AttentionSite]:
-    """Rewrite every cache-backed attention in `gm`; return the sites (rewritten or left exact)."""
+def rewrite_attention(gm: fx.GraphModule, buffers_served: int = 0) -> list[AttentionSite]:
+    """Rewrite every cache-backed attention in `gm`; return the sites (rewritten or left exact).
+    `buffers_served`: attentions over the model's own KV buffers rewritten before (rewrite_buffer_attention)."""
     sites = find_attention_sites(gm.graph)
-    if sites and all(site.marker is None for site in sites):
+    if sites and not buffers_served and all(site.marker is None for site in sites):
         raise UnsupportedAttention(
             "lukv: this forward's attention reads no LUKVCache, so nothing would be compressed. Generate with "
             "the compiled model (it creates the cache), or pass cache=lukv_compile.LUKVCache(model.config, ...) "
-            "to a hand-written forward")
+            "to a hand-written forward; a model keeping its own KV buffers must write them in place and attend over "
+            "them with a causal mask (README: Your own PyTorch model)")
     exact = [site.module_path for site in sites if site.marker is None]
     if exact:
         report_once(f"lukv: {len(exact)} attention layer(s) left exact, their K/V do not come from a LUKVCache "
                     f"ragged layer (sliding-window layers): {', '.join(exact)}")
         compat.counters()["lukv"]["sdpa_left_exact"] += len(exact)
     served = [site for site in sites if site.marker is not None]
-    if served and torch.is_grad_enabled() and any(p.meta.get("example_value") is not None and
+    if (served or buffers_served) and torch.is_grad_enabled() and any(p.meta.get("example_value") is not None and
                                                   getattr(p.meta["example_value"], "requires_grad", False)
                                                   for p in gm.graph.find_nodes(op="placeholder")):
         raise UnsupportedAttention("lukv: this forward tracks gradients, but KV eviction is for inference and "

@@ -21,7 +21,8 @@ from lukv_compile.config import config_fingerprint, head_dim_of, kv_shape, layer
 from lukv_compile.policy.scorers import layer_ropes
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
 from lukv_compile.runtime import registry
-from lukv_compile.runtime.layer import FILL_BY_RECONSTRUCTION, LUKVCacheError, RaggedLayer
+from lukv_compile.runtime.errors import LUKVCacheError
+from lukv_compile.runtime.layer import FILL_BY_RECONSTRUCTION, RaggedLayer
 from lukv_compile.settings import LUKVSettings
 
 

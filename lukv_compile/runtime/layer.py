@@ -19,17 +19,11 @@ from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.policy.eviction import Candidates, evict, real_queries
 from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.runtime import ops  # noqa: F401  (registers the lukv:: ops update() returns)
+from lukv_compile.runtime.buffers import check_causal_read, chunk_start, release
+from lukv_compile.runtime.errors import LUKVCacheError, LUKVWarning
 from lukv_compile.runtime.storage import RaggedStore
 
 DECODE_SLACK = 64  # evict="always": a head is compressed back to its budget once it holds this many more tokens
-
-
-class LUKVCacheError(RuntimeError):
-    """The cache was used in a way it cannot serve (raised before anything is changed)."""
-
-
-class LUKVWarning(UserWarning):
-    """Something lukv does differently from what the options alone suggest (said once per cache)."""
 
 
 FILL_BY_RECONSTRUCTION = ("its profile ranks tokens by reconstruction, which no forward computes: fill the cache "
@@ -174,6 +168,27 @@ class RaggedLayer(CacheLayerMixin):
                 self.evict_to(budget, Candidates.from_store(store), q, counts, scale)
         self.seen, self.real_tokens = first + c, real_tokens
         return out.contiguous()
+
+    def attend_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  buffers: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None, is_causal: bool,
+                  kv_end: int, scale: float) -> torch.Tensor:
+        """`attend` for a chunk a model meant to write into its own dense KV `buffers` at `positions` and read
+        back causally (runtime/buffers.py checks that); the buffers' memory is freed."""
+        chunk, capacity = k.shape[2], buffers[0].shape[2]
+        start = chunk_start(positions, self.seen, capacity, self.layer_idx)
+        mask_id = (attn_mask.data_ptr(), tuple(attn_mask.shape)) if attn_mask is not None else None
+        key = ("buffer", mask_id, start, chunk, kv_end, is_causal)
+        if start == 0 and self.layer_idx == 0:
+            self.checked_masks.clear()  # a new sequence: its mask is checked afresh, whatever its address
+        if key not in self.checked_masks:  # once per forward: every layer reads the same mask
+            check_causal_read(attn_mask, is_causal, kv_end, start, chunk, capacity, self.layer_idx)
+            self.checked_masks.clear()
+            self.checked_masks[key] = True
+        for buffer in buffers:
+            release(buffer)
+        if start == 0 and self.seen:
+            self.reset()  # the model starts a new sequence over its buffers
+        return self.attend(q, k, v, None, chunk > 1, scale)
 
     def check_shape(self, heads: int, head_dim: int) -> None:
         if (heads, head_dim) != (self.kv_heads, self.head_dim):

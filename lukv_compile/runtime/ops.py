@@ -10,6 +10,13 @@
         ragged storage, attend each query over its head's kept tokens plus the chunk's tokens up to itself,
         and evict when the cache's settings say so (cache.RaggedLayer.attend).
 
+    attend_at(q, k, v, positions, k_buffer, v_buffer, attn_mask, is_causal, kv_end, handle, layer_idx, scale)
+        The same for a model that keeps its own dense KV buffers (gpt-fast, torchtune): the chunk's K/V were
+        to be written into `k_buffer` / `v_buffer` at `positions` and attention read the buffers (the whole
+        buffer under `attn_mask`, or the prefix `[:kv_end]`). The op checks that this reading is causal over
+        the written positions, serves it from the layer's ragged storage, and frees the dense buffers'
+        memory (RaggedLayer.attend_at, runtime/buffers.py).
+
 `handle` is a 0-d int64 CPU tensor naming the cache (registry.py); `layer_idx` is the layer. The storage
 and the policy live in the cache object, outside the graph: the graph never reads storage the ops change,
 and policy changes never recompile. What `attend` changes is the cache the handle names, so it is declared
@@ -48,6 +55,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal:
 
 
 @attend.register_fake
+def _(q, *args):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("lukv::attend_at", mutates_args=("handle",), tags=(torch.Tag.cudagraph_unsafe,))
+def attend_at(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, k_buffer: Tensor, v_buffer: Tensor,
+              attn_mask: Tensor | None, is_causal: bool, kv_end: int, handle: Tensor, layer_idx: int,
+              scale: float) -> Tensor:
+    return registry.layer(handle, layer_idx).attend_at(q, k, v, positions, (k_buffer, v_buffer), attn_mask,
+                                                       is_causal, kv_end, scale)
+
+
+@attend_at.register_fake
 def _(q, *args):
     return q.new_empty(q.shape)
 
