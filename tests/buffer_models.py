@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gpt_fast_style.py"
 
@@ -32,14 +32,11 @@ def load_example():
 gfs = load_example()
 
 
-class CachePosKVCache(nn.Module):
+class CachePosKVCache(gfs.KVCache):
     """torchtune's KVCache: writes at its own counter, `cache_pos`, then advances it in place."""
 
     def __init__(self, batch: int, heads: int, max_seq_length: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (batch, heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        super().__init__(batch, heads, max_seq_length, head_dim, dtype)
         self.register_buffer("cache_pos", torch.arange(max_seq_length), persistent=False)
 
     def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,14 +61,8 @@ class TorchtuneStyle(gfs.Transformer):
         return self.output(self.norm(x))
 
 
-class PrefixKVCache(nn.Module):
+class PrefixKVCache(gfs.KVCache):
     """Smaller repos' cache: a slice write, and attention over the filled prefix `[:start + C]`."""
-
-    def __init__(self, batch: int, heads: int, max_seq_length: int, head_dim: int, dtype: torch.dtype):
-        super().__init__()
-        shape = (batch, heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, start: int, k_val: Tensor, v_val: Tensor) -> tuple[Tensor, Tensor]:
         end = start + k_val.shape[2]
