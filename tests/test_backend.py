@@ -152,8 +152,8 @@ def test_graph_rewrite_counts_and_no_sdpa_left(monkeypatch):
 
     graphs = []
 
-    def spy(gm):
-        sites = rewrite_attention(gm)
+    def spy(gm, buffers_served=0):
+        sites = rewrite_attention(gm, buffers_served)
         graphs.append(gm)
         return sites
 
