@@ -200,9 +200,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, max_seq_length: int | N
 
     `model` is the module or its compiled form; `prompt` is [batch, T] token ids.
     """
-    module = getattr(model, "_orig_mod", model)
     batch, length = prompt.shape
-    module.setup_caches(batch, max_seq_length or length + max_new_tokens)
+    model.setup_caches(batch, max_seq_length or length + max_new_tokens)  # a torch.compile wrapper passes it on
     input_pos = torch.arange(length)
     token = model(prompt, input_pos)[:, -1:].argmax(-1)
     tokens = [token]

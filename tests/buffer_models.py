@@ -2,6 +2,7 @@
 
 `gpt_fast`: examples/gpt_fast_style.py's Transformer as it is (buffers written at `input_pos`, the mask a slice
 of a `tril` buffer). Two variants change only the KV cache and where the mask comes from:
+`index_copy`: the write is `index_copy_` (litgpt, transformers' StaticCache);
 `torchtune`: the cache counts its own positions (`cache_pos`, advanced in place after each write) and the
 caller passes the mask, as torchtune's generation utilities do; `prefix`: the chunk is written into a slice
 and attention reads the filled prefix with no mask (causal when the chunk has several tokens).
@@ -46,6 +47,19 @@ class CachePosKVCache(gfs.KVCache):
         v_out[:, :, self.cache_pos[:seq_len]] = v_val
         self.cache_pos.add_(seq_len)
         return k_out, v_out
+
+
+class IndexCopyKVCache(gfs.KVCache):
+    """litgpt's and transformers' StaticCache's write: `index_copy_` along the sequence dimension."""
+
+    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, input_pos, k_val)
+        self.v_cache.index_copy_(2, input_pos, v_val)
+        return self.k_cache, self.v_cache
+
+
+class IndexCopy(gfs.Transformer):
+    kv_cache_class = IndexCopyKVCache
 
 
 class TorchtuneStyle(gfs.Transformer):
@@ -107,7 +121,7 @@ class PrefixSlice(gfs.Transformer):
         return self.output(self.norm(x))
 
 
-VARIANTS = {"gpt_fast": gfs.Transformer, "torchtune": TorchtuneStyle, "prefix": PrefixSlice}
+VARIANTS = {"gpt_fast": gfs.Transformer, "torchtune": TorchtuneStyle, "prefix": PrefixSlice, "index_copy": IndexCopy}
 
 
 def tiny(variant: str, layers: int = 4, seed: int = 0) -> gfs.Transformer:
@@ -120,11 +134,10 @@ def step_inputs(model: gfs.Transformer, tokens: Tensor, start: int) -> tuple:
     """The forward's arguments for `tokens` [B, C] at positions start..start+C-1, in the variant's convention."""
     chunk = tokens.shape[1]
     positions = torch.arange(start, start + chunk)
-    base = getattr(model, "_orig_mod", model)
-    if isinstance(base, PrefixSlice):
+    if model.kv_cache_class is PrefixKVCache:  # the model, or its torch.compile wrapper (which passes it on)
         return tokens, start
-    if isinstance(base, TorchtuneStyle):
-        mask = base.causal_mask[positions][None].expand(tokens.shape[0], -1, -1)
+    if model.kv_cache_class is CachePosKVCache:
+        mask = model.causal_mask[positions][None].expand(tokens.shape[0], -1, -1)
         return tokens, positions, mask
     return tokens, positions
 
@@ -132,8 +145,7 @@ def step_inputs(model: gfs.Transformer, tokens: Tensor, start: int) -> tuple:
 @torch.no_grad()
 def run_chunks(model, prompt: Tensor, chunks: list[int], decode_steps: int, max_seq_length: int) -> list[Tensor]:
     """Logits of each forward: the prompt in `chunks`, then greedy decode steps (caches set up afresh)."""
-    base = getattr(model, "_orig_mod", model)
-    base.setup_caches(prompt.shape[0], max_seq_length)
+    model.setup_caches(prompt.shape[0], max_seq_length)
     outputs, start = [], 0
     for size in chunks:
         tokens = prompt[:, start:start + size].clone(memory_format=torch.contiguous_format)  # strides of its own

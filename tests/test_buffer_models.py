@@ -71,6 +71,15 @@ def test_prefix_slice_equals_eager():
         run_chunks(compiled, prompt, [20, 17], 0, MAX_SEQ)
 
 
+def test_index_copy_write_equals_eager():
+    model = tiny("index_copy", layers=2)
+    compiled = torch.compile(model, backend="lukv", options={"compression": 0.0, "inner": "aot_eager"})
+    prompt = torch.randint(0, 128, (1, 33))
+    assert_same_logits(run_chunks(compiled, prompt, [20, 13], 3, MAX_SEQ),
+                       run_chunks(model, prompt, [20, 13], 3, MAX_SEQ))
+    assert counters["lukv"]["buffer_sdpa_rewritten"] == 2 * counters["lukv"]["graphs_compiled"] > 0
+
+
 # ---- compressed: equal to a dense model that masks exactly what each head evicted
 
 
@@ -145,6 +154,12 @@ class SlidingMaskModel(gfs.Transformer):
         return self.output(self.norm(x))
 
 
+class SequenceRepeatKVCache(gfs.KVCache):
+    def update(self, input_pos, k_val, v_val):
+        k_out, v_out = super().update(input_pos, k_val, v_val)
+        return k_out.repeat_interleave(1, dim=2), v_out  # a step along the positions, not a GQA repeat
+
+
 class MatmulKVCache(gfs.KVCache):
     def update(self, input_pos, k_val, v_val):
         k_out, v_out = super().update(input_pos, k_val, v_val)
@@ -161,13 +176,17 @@ def test_unprovable_models_are_refused_at_compile_time():
                                         "k_cache is computed in the graph"), torch.no_grad():
         compiled(torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
 
-    other = tiny("gpt_fast", layers=2)
-    other.kv_cache_class = MatmulKVCache
-    other.setup_caches(1, 32)
-    compiled = torch.compile(other, backend="lukv", options={"inner": "aot_eager"})
-    with pytest.raises(Exception, match="kv_cache.k_cache is read by attention and also used by call_method "
-                                        "mul_"), torch.no_grad():
-        compiled(torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
+    refusals = {MatmulKVCache: "kv_cache.k_cache is read by attention and also used by call_method mul_",
+                SequenceRepeatKVCache: r"kv_cache.k_cache goes through call_method repeat_interleave\(.*\) before "
+                                       "attention; only a repetition of its heads"}
+    for cache_class, message in refusals.items():
+        torch._dynamo.reset()
+        other = tiny("gpt_fast", layers=2)
+        other.kv_cache_class = cache_class
+        other.setup_caches(1, 32)
+        compiled = torch.compile(other, backend="lukv", options={"inner": "aot_eager"})
+        with pytest.raises(Exception, match=message), torch.no_grad():
+            compiled(torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
 
 
 def test_mask_not_causal_is_refused_before_the_cache_changes():

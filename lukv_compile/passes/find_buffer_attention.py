@@ -72,12 +72,24 @@ def buffer_name(node: fx.Node) -> str:
     return name
 
 
-def source_of(node: fx.Node, slot: int) -> tuple[fx.Node, list[fx.Node], object] | None:
+# GQA steps beyond transformers' repeat_kv: gpt-fast's k.repeat_interleave(g, dim=1), torchtune's
+# k.unsqueeze(2).expand(...).flatten(1, 2). Each only repeats heads; the same call on another dimension is not GQA.
+HEAD_STEPS = {"repeat_interleave": lambda n: n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None) == 1,
+              "unsqueeze": lambda n: n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None) == 2,
+              "flatten": lambda n: tuple(n.args[1:3]) == (1, 2)}
+
+
+def is_head_step(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in HEAD_STEPS:
+        return True
+    return is_call(node, (torch.repeat_interleave,))
+
+
+def source_of(node: fx.Node) -> tuple[fx.Node, list[fx.Node], object] | None:
     """Walk up from SDPA's key/value through GQA expansion and a prefix slice to a graph input, if one is there:
     (the input, the nodes between, the prefix end or -1)."""
     chain, kv_end = [], -1
-    while is_expansion_step(node) or is_call(node, (torch.repeat_interleave,)) or \
-            (node.op == "call_method" and node.target in ("repeat_interleave", "unsqueeze", "flatten")):
+    while is_expansion_step(node) or is_head_step(node):
         chain.append(node)
         node = node.args[0]
     if is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple) and len(node.args[1]) == 3:
@@ -96,6 +108,20 @@ def _is_kv_buffer(node: fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
 
 
+def check_head_steps(buffer: fx.Node, read: fx.Node, chain: list[fx.Node], kv_end, name: str) -> None:
+    """The steps between a buffer and SDPA may only repeat its heads: the same batch, positions and head_dim."""
+    for node in chain:
+        if node.op == "call_method" and node.target in HEAD_STEPS and not HEAD_STEPS[node.target](node):
+            raise UnsupportedAttention(f"lukv: the KV buffer {name} goes through {describe(node)} before attention; "
+                                       "only a repetition of its heads (dim 1) is understood")
+    b, h, s, d = buffer.meta["example_value"].shape
+    got = read.meta["example_value"].shape
+    same_positions = kv_end != -1 or got[2] == s
+    if len(got) != 4 or got[0] != b or got[3] != d or got[1] % h or not same_positions:
+        raise UnsupportedAttention(f"lukv: attention reads the KV buffer {name} [{b}, {h}, {s}, {d}] as "
+                                   f"{list(got)}: only a repetition of its heads is understood")
+
+
 def write_of(user: fx.Node) -> tuple[fx.Node, fx.Node | slice] | None:
     """(the stored value, the positions) when `user` writes its buffer along the sequence dimension, else None."""
     if is_call(user, (operator.setitem,)):
@@ -109,7 +135,8 @@ def write_of(user: fx.Node) -> tuple[fx.Node, fx.Node | slice] | None:
 
 
 def buffer_side(sdpa: fx.Node, slot: int, order: dict[fx.Node, int]) -> BufferSide | None:
-    found = source_of(sdpa_arg(sdpa, slot, "key" if slot == SDPA_KEY else "value"), slot)
+    read = sdpa_arg(sdpa, slot, "key" if slot == SDPA_KEY else "value")
+    found = source_of(read)
     if found is None:
         return None
     buffer, chain, kv_end = found
@@ -131,6 +158,7 @@ def buffer_side(sdpa: fx.Node, slot: int, order: dict[fx.Node, int]) -> BufferSi
         if len(node.users) != 1:
             raise UnsupportedAttention(f"lukv: the KV buffer {name} goes through {describe(node)}, which is used "
                                        f"{len(node.users)} times; only one attention may read it")
+    check_head_steps(buffer, read, chain, kv_end, name)
     write = writes[0]
     if order[write] > order[sdpa]:
         raise UnsupportedAttention(f"lukv: the KV buffer {name} is written after the attention reads it")

@@ -23,7 +23,13 @@ from lukv_compile.runtime.errors import LUKVCacheError
 
 
 def release(buffer: torch.Tensor) -> None:
-    """Free a dense KV buffer's memory, keeping the tensor (its shape and strides, which the graph's guards read)."""
+    """Free a dense KV buffer's memory, keeping the tensor: its storage is resized to 0 bytes, its shape and
+    strides stay, so the model's graphs and Dynamo's guards are unchanged (the model's own code traces as before).
+
+    The buffer is lukv's from then on: running the model without lukv needs its `setup_caches()` again, and eager
+    code must not write it in place (a strided tensor of another size or a zero-stride one would free it too, but
+    the model's own write, traced again for every new graph, is then refused by torch).
+    """
     storage = buffer.untyped_storage()
     if storage.nbytes():
         storage.resize_(0)
@@ -35,14 +41,14 @@ def chunk_start(positions: torch.Tensor, seen: int, capacity: int, layer_idx: in
     start = int(positions.reshape(-1)[0])
     if chunk > 1 and not torch.equal(positions.reshape(-1).cpu(), torch.arange(start, start + chunk)):
         raise LUKVCacheError(f"lukv: layer {layer_idx}'s KV buffer is written at positions "
-                               f"{positions.reshape(-1).tolist()[:8]}...; only consecutive positions are served")
+                             f"{positions.reshape(-1).tolist()[:8]}...; only consecutive positions are served")
     if start not in (0, seen):
         raise LUKVCacheError(f"lukv: layer {layer_idx}'s KV buffer is written at position {start}, but its "
-                               f"sequence holds positions 0..{seen - 1}: a chunk must start at 0 (a new sequence) "
-                               f"or at {seen} (the next one); a compressed cache cannot rewrite its past")
+                             f"sequence holds positions 0..{seen - 1}: a chunk must start at 0 (a new sequence) "
+                             f"or at {seen} (the next one); a compressed cache cannot rewrite its past")
     if start + chunk > capacity:
         raise LUKVCacheError(f"lukv: layer {layer_idx} writes positions up to {start + chunk - 1}, past its KV "
-                               f"buffer's {capacity} (the model's max_seq_length)")
+                             f"buffer's {capacity} (the model's max_seq_length)")
     return start
 
 
@@ -59,21 +65,21 @@ def check_causal_read(attn_mask: torch.Tensor | None, is_causal: bool, kv_end: i
         one_token = not is_causal and chunk == 1 and kv_end == start + 1
         if not (causal_prefix or one_token):
             raise LUKVCacheError(f"{where} reads positions [0, {kv_end}) with is_causal={is_causal} for {chunk} "
-                                   f"new token(s) at position {start}: not causal over the written positions "
-                                   f"(expected [0, {start + chunk}), causal when more than one token)")
+                                 f"new token(s) at position {start}: not causal over the written positions "
+                                 f"(expected [0, {start + chunk}), causal when more than one token)")
         return
     if attn_mask is None:
         raise LUKVCacheError(f"{where} has no mask: it would read unwritten positions")
     allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
     if allowed.shape[-2:] != (chunk, capacity):
         raise LUKVCacheError(f"{where} got a mask of shape {tuple(attn_mask.shape)}; expected [..., {chunk}, "
-                               f"{capacity}] (the chunk's queries over the buffer)")
+                             f"{capacity}] (the chunk's queries over the buffer)")
     keys = torch.arange(capacity, device=allowed.device)
     queries = torch.arange(start, start + chunk, device=allowed.device)
     expected = keys[None, :] <= queries[:, None]
     if not torch.equal(allowed, expected.expand_as(allowed)):
         raise LUKVCacheError(f"{where} got a mask that is not causal over the written positions (a custom, "
-                               "sliding-window or padding mask); LU-KV cannot serve it from a compressed cache")
+                             "sliding-window or padding mask); LU-KV cannot serve it from a compressed cache")
 
 
 def buffer_model_config(module: torch.nn.Module | None, layers: int, q_heads: int, kv_heads: int, head_dim: int):
