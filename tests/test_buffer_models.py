@@ -189,6 +189,17 @@ def test_unprovable_models_are_refused_at_compile_time():
             compiled(torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"prefill_chunk": 16}, "prefill_chunk=16 is how generate"),
+    ({"scorer": "expected_attention", "compression": 0.8}, "needs the model's RoPE frequencies"),
+])
+def test_options_a_buffer_model_cannot_honour_are_refused(options, message):
+    model = tiny("gpt_fast", layers=2)  # no transformers config: no RoPE frequencies lukv could read
+    compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager", **options})
+    with pytest.raises(Exception, match=message):
+        run_chunks(compiled, torch.zeros(1, 8, dtype=torch.long), [8], 0, MAX_SEQ)
+
+
 def test_mask_not_causal_is_refused_before_the_cache_changes():
     model = tiny("torchtune", layers=2)
     compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager"})

@@ -101,6 +101,11 @@ class CompiledForward:
         """The LUKVCache serving the model's own KV buffers: `layers` attentions over [B, kv_heads, S, head_dim]
         buffers in one graph (made by the first graph, the same for every later one)."""
         if self.buffer_cache is None:
+            if self.settings.prefill_chunk:
+                raise UnsupportedAttention(
+                    f"lukv option prefill_chunk={self.settings.prefill_chunk} is how generate() cuts a prompt; a model "
+                    "keeping its own KV buffers is called chunk by chunk by its own loop: call it with chunks of that "
+                    "many tokens (with evict='turn' each is evicted to the budget) and leave prefill_chunk unset")
             config = buffer_model_config(self.module, layers, q_heads, kv_heads, head_dim)
             self.buffer_cache = LUKVCache(config, self.settings)
         elif self.buffer_cache.shape != (layers, kv_heads, head_dim):

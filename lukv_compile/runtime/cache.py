@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from lukv_compile.config import config_fingerprint, head_dim_of, kv_shape, layer_kinds, sliding_layers, text_config
-from lukv_compile.policy.scorers import layer_ropes
+from lukv_compile.policy.scorers import REGISTRY, layer_ropes
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
 from lukv_compile.runtime import registry
 from lukv_compile.runtime.errors import LUKVCacheError
@@ -63,6 +63,10 @@ class LUKVCache(Cache):
             raise ValueError(f"evict={settings.evict!r} / prefill_chunk={settings.prefill_chunk!r} evict after the "
                              f"prompt, but {FILL_BY_RECONSTRUCTION}; keep evict='prompt' and no prefill_chunk")
         self.ropes = layer_ropes(config)  # once per cache: each layer's RoPE frequencies, for the scorers
+        scorer = REGISTRY.get(self.profile.scorer)
+        if scorer is not None and scorer.needs_rope and any(r is None for r in self.ropes):
+            raise ValueError(f"scorer {scorer.name!r} needs the model's RoPE frequencies, but its config has no "
+                             "rope_parameters (a plain module without a transformers config): use another scorer")
         self.handle = registry.new_handle(self)
         layers = [RaggedLayer(self, i) if kind == "ragged" else DynamicSlidingWindowLayer(config.sliding_window)
                   for i, kind in enumerate(self.kinds)]

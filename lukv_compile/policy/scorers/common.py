@@ -58,11 +58,13 @@ class ScoreInputs:
 
 @dataclass(frozen=True)
 class Scorer:
-    """A registered scorer: its name, its function, and the protected recent window it defaults to."""
+    """A registered scorer: its name, its function, the protected recent window it defaults to, and whether it
+    needs the model's RoPE."""
 
     name: str
     fn: Callable[[ScoreInputs], torch.Tensor]
     window: int
+    needs_rope: bool = False  # reads ScoreInputs.rope: a cache must know the model's RoPE frequencies
 
 
 def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

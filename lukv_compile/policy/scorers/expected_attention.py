@@ -74,4 +74,4 @@ def expected_attention_scores(x: ScoreInputs) -> torch.Tensor:
     return torch.where(sink, scores.amax(dim=-1, keepdim=True), scores)
 
 
-SCORER = Scorer("expected_attention", expected_attention_scores, window=1)
+SCORER = Scorer("expected_attention", expected_attention_scores, window=1, needs_rope=True)
