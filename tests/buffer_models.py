@@ -63,12 +63,13 @@ class IndexCopy(gfs.Transformer):
 
 
 class TorchtuneStyle(gfs.Transformer):
-    """The caller passes the mask [B, C, S_max] (torchtune's generate slices it from a causal mask)."""
+    """The caller passes the mask [B, C, S_max] and each row's position ids [B, C] (torchtune's generate: left
+    padding is masked out, and real tokens count their positions from 0)."""
 
     kv_cache_class = CachePosKVCache
 
     def forward(self, idx: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, C, D]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask[:, None], input_pos)
@@ -130,30 +131,43 @@ def tiny(variant: str, layers: int = 4, seed: int = 0) -> gfs.Transformer:
     return VARIANTS[variant](args).eval()
 
 
-def step_inputs(model: gfs.Transformer, tokens: Tensor, start: int) -> tuple:
-    """The forward's arguments for `tokens` [B, C] at positions start..start+C-1, in the variant's convention."""
+def torchtune_mask(pads: Tensor, max_seq_length: int) -> Tensor:
+    """torchtune's causal mask with left padding [B, S, S]: causal, padding columns hidden, and a padding token
+    seeing itself (get_causal_mask_from_padding_mask)."""
+    index = torch.arange(max_seq_length)
+    mask = (index[None, :] <= index[:, None])[None] & (index[None, None, :] >= pads[:, None, None])
+    return mask | torch.eye(max_seq_length, dtype=torch.bool)[None]
+
+
+def step_inputs(model: gfs.Transformer, tokens: Tensor, start: int, pads: Tensor | None = None) -> tuple:
+    """The forward's arguments for `tokens` [B, C] at positions start..start+C-1, in the variant's convention;
+    `pads` [B]: each row's left padding (the torchtune variant only)."""
     chunk = tokens.shape[1]
     positions = torch.arange(start, start + chunk)
     if model.kv_cache_class is PrefixKVCache:  # the model, or its torch.compile wrapper (which passes it on)
         return tokens, start
     if model.kv_cache_class is CachePosKVCache:
-        mask = model.causal_mask[positions][None].expand(tokens.shape[0], -1, -1)
-        return tokens, positions, mask
+        pads = torch.zeros(tokens.shape[0], dtype=torch.long) if pads is None else pads
+        mask = torchtune_mask(pads, model.max_seq_length)[:, positions]
+        return tokens, (positions[None] - pads[:, None]).clamp(min=0), mask
+    assert pads is None, "only the torchtune variant takes padding"
     return tokens, positions
 
 
 @torch.no_grad()
-def run_chunks(model, prompt: Tensor, chunks: list[int], decode_steps: int, max_seq_length: int) -> list[Tensor]:
-    """Logits of each forward: the prompt in `chunks`, then greedy decode steps (caches set up afresh)."""
+def run_chunks(model, prompt: Tensor, chunks: list[int], decode_steps: int, max_seq_length: int,
+               pads: Tensor | None = None) -> list[Tensor]:
+    """Logits of each forward: the prompt in `chunks`, then greedy decode steps (caches set up afresh); `pads`:
+    the left padding of each prompt row (the torchtune variant)."""
     model.setup_caches(prompt.shape[0], max_seq_length)
     outputs, start = [], 0
     for size in chunks:
         tokens = prompt[:, start:start + size].clone(memory_format=torch.contiguous_format)  # strides of its own
-        outputs.append(model(*step_inputs(model, tokens, start)))
+        outputs.append(model(*step_inputs(model, tokens, start, pads)))
         start += size
     token = outputs[-1][:, -1:].argmax(-1)
     for _ in range(decode_steps):
-        outputs.append(model(*step_inputs(model, token, start)))
+        outputs.append(model(*step_inputs(model, token, start, pads)))
         start += 1
         token = outputs[-1][:, -1:].argmax(-1)
     return outputs

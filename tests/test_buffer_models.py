@@ -25,10 +25,17 @@ PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 MAX_SEQ = 96
 
 
-def assert_same_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+def assert_same_logits(got: list[torch.Tensor], want: list[torch.Tensor], pads: torch.Tensor | None = None) -> None:
+    """Equal logits in every forward; with `pads` [B] (left padding of each row), at real tokens only: what a
+    padding token's query reads is left to the model (torchtune lets it read itself)."""
     assert len(got) == len(want)
+    start = 0
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        if pads is not None:
+            real = (torch.arange(start, start + a.shape[1])[None, :] >= pads[:, None])[..., None]
+            a, b = a * real, b * real
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m, s=step: f"forward {s}: {m}")
+        start += a.shape[1]
 
 
 def split(length: int, cuts: list[int]) -> list[int]:
@@ -45,12 +52,14 @@ def test_full_budget_equals_eager_on_inductor(variant):
 
     @settings(max_examples=4, **PROPERTY)
     @given(length=st.integers(2, 60), cuts=st.lists(st.integers(1, 59), max_size=2), steps=st.integers(0, 4),
-           batch=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-    def check(length, cuts, steps, batch, seed):
+           batch=st.sampled_from([1, 2]), pad=st.integers(0, 20), seed=st.integers(0, 2**16))
+    def check(length, cuts, steps, batch, pad, seed):
         prompt = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
         chunks = split(length, cuts)
-        want = run_chunks(model, prompt, chunks, steps, MAX_SEQ)
-        assert_same_logits(run_chunks(compiled, prompt, chunks, steps, MAX_SEQ), want)
+        # torchtune's convention: the second row left-padded within the first chunk
+        pads = torch.tensor([0, min(pad, chunks[0] - 1)])[:batch] if variant == "torchtune" else None
+        want = run_chunks(model, prompt, chunks, steps, MAX_SEQ, pads)
+        assert_same_logits(run_chunks(compiled, prompt, chunks, steps, MAX_SEQ, pads), want, pads)
 
     check()
     for batch in (1, 2):  # then every graph exists: a chunk and a decode step per batch size
@@ -108,7 +117,8 @@ def test_compressed_equals_masked_simulation(monkeypatch):
                              options={"compression": 0.8, "profile": profile, "allow_other_model": True,
                                       "inner": "aot_eager"})
     prompt = torch.randint(0, 128, (2, 80), generator=torch.Generator().manual_seed(3))
-    got = run_chunks(compiled, prompt, [80], 6, MAX_SEQ)
+    pads = torch.tensor([0, 9])  # the second row left-padded (torchtune's convention)
+    got = run_chunks(compiled, prompt, [80], 6, MAX_SEQ, pads)
     cache = lukv_compile.buffer_cache(compiled)
     kept = kept_mask(cache, 2, MAX_SEQ)
     held = sum(int(m[:, :, :80].sum()) for m in kept.values())
@@ -118,8 +128,9 @@ def test_compressed_equals_masked_simulation(monkeypatch):
     assert 0 < cache.nbytes() < 0.45 * buffers  # kept tokens plus each head's room to grow (MIN_ROOM)
     monkeypatch.setattr(gfs, "F", SimpleNamespace(scaled_dot_product_attention=masked_sdpa(kept, 4, 80),
                                                   silu=F.silu))
-    want = run_chunks(model, prompt, [80], 6, MAX_SEQ)
-    assert_same_logits(got, want)
+    want = run_chunks(model, prompt, [80], 6, MAX_SEQ, pads)
+    assert_same_logits(got, want, pads)
+    assert all(not m[1, :, :9].any() for m in kept.values())  # no padding slot is held
 
 
 def test_second_turn_and_new_sequence():
@@ -204,7 +215,7 @@ def test_mask_not_causal_is_refused_before_the_cache_changes():
     model = tiny("torchtune", layers=2)
     compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager"})
     model.setup_caches(1, 32)
-    tokens, positions = torch.zeros(1, 6, dtype=torch.long), torch.arange(6)
+    tokens, positions = torch.zeros(1, 6, dtype=torch.long), torch.arange(6)[None]
     bidirectional = torch.ones(1, 6, 32, dtype=torch.bool)
     with pytest.raises(LUKVCacheError, match="not causal over the written positions"), torch.no_grad():
         compiled(tokens, positions, bidirectional)

@@ -8,7 +8,8 @@ and the attention with one `attend_at` op; at run time that op
   - reads the chunk's positions: they must be consecutive, starting at 0 (a new sequence: the layer is reset)
     or where the layer's sequence left off (the next chunk, decode step or turn), within the buffer;
   - proves the reading causal over the written positions: query i at position p+i sees the buffer's
-    positions 0..p+i and nothing else (a mask any other shape would be served wrongly, so it raises).
+    positions 0..p+i and nothing else, but for a row's left padding (a mask any other shape would be served
+    wrongly, so it raises); the padding becomes the chunk's per-row real-token counts.
 Then the layer serves the chunk like any other (RaggedLayer.attend).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from lukv_compile.config import kv_shape, text_config
@@ -52,12 +54,15 @@ def chunk_start(positions: torch.Tensor, seen: int, capacity: int, layer_idx: in
     return start
 
 
-def check_causal_read(attn_mask: torch.Tensor | None, is_causal: bool, kv_end: int, start: int, chunk: int,
-                      capacity: int, layer_idx: int) -> None:
-    """Raise unless query i of the chunk (position start + i) reads exactly the buffer positions 0..start+i.
+def padding_of_read(attn_mask: torch.Tensor | None, is_causal: bool, kv_end: int, start: int, chunk: int,
+                    capacity: int, batch: int, pads: np.ndarray | None, layer_idx: int) -> np.ndarray:
+    """The left padding [B] of each row (padding slots at the start of its sequence), proving on the way that
+    every real query i of the chunk (position start + i) reads exactly the buffer positions pads..start+i.
 
     `kv_end` >= 0: attention reads the prefix [:kv_end] with no mask (SDPA's is_causal aligns top-left);
     else the whole buffer under `attn_mask` (bool, or additive float), broadcast to [B, heads, C, S_max].
+    `pads`: what the sequence's earlier chunks had (None for a new sequence: read off the mask's last query).
+    Queries on padding slots may read anything (torchtune lets them read themselves): their output is unused.
     """
     where = f"lukv: layer {layer_idx}'s attention over its KV buffer"
     if kv_end >= 0:
@@ -67,19 +72,32 @@ def check_causal_read(attn_mask: torch.Tensor | None, is_causal: bool, kv_end: i
             raise LUKVCacheError(f"{where} reads positions [0, {kv_end}) with is_causal={is_causal} for {chunk} "
                                  f"new token(s) at position {start}: not causal over the written positions "
                                  f"(expected [0, {start + chunk}), causal when more than one token)")
-        return
+        return np.zeros(batch, dtype=np.int64)
     if attn_mask is None:
         raise LUKVCacheError(f"{where} has no mask: it would read unwritten positions")
     allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
-    if allowed.shape[-2:] != (chunk, capacity):
+    if allowed.dim() not in (3, 4) or allowed.shape[-2:] != (chunk, capacity):
         raise LUKVCacheError(f"{where} got a mask of shape {tuple(attn_mask.shape)}; expected [..., {chunk}, "
                              f"{capacity}] (the chunk's queries over the buffer)")
-    keys = torch.arange(capacity, device=allowed.device)
-    queries = torch.arange(start, start + chunk, device=allowed.device)
-    expected = keys[None, :] <= queries[:, None]
-    if not torch.equal(allowed, expected.expand_as(allowed)):
-        raise LUKVCacheError(f"{where} got a mask that is not causal over the written positions (a custom, "
-                             "sliding-window or padding mask); LU-KV cannot serve it from a compressed cache")
+    allowed = allowed.reshape(-1 if allowed.dim() == 3 else allowed.shape[0], 1 if allowed.dim() == 3 else
+                              allowed.shape[1], chunk, capacity).expand(batch, -1, -1, -1)
+    if pads is None:
+        pads = start + chunk - allowed[:, 0, -1, :start + chunk].sum(dim=-1).cpu().numpy().astype(np.int64)
+        if (pads >= start + chunk).any():
+            raise LUKVCacheError(f"{where}: row(s) {np.flatnonzero(pads >= start + chunk).tolist()} of the sequence's "
+                                 f"first chunk ({chunk} tokens) are all padding; left padding must end within the "
+                                 "first chunk")
+    device = allowed.device
+    keys = torch.arange(capacity, device=device)
+    queries = torch.arange(start, start + chunk, device=device)
+    first = torch.as_tensor(pads, device=device)[:, None, None]  # [B, 1, 1]
+    expected = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= first)  # [B, C, S]
+    real = (queries[None, :] >= first[:, :, 0])[:, None, :, None]  # [B, 1, C, 1]: queries on real tokens
+    if ((allowed != expected[:, None]) & real).any():
+        raise LUKVCacheError(f"{where} got a mask that is not causal over the written positions with left "
+                             "padding (a custom, sliding-window or right-padding mask); LU-KV cannot serve it from a "
+                             "compressed cache")
+    return pads
 
 
 def buffer_model_config(module: torch.nn.Module | None, layers: int, q_heads: int, kv_heads: int, head_dim: int):

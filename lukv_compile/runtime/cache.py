@@ -55,6 +55,7 @@ class LUKVCache(Cache):
         self.num_kv_heads, self.head_dim = self.shape[1:]
         self.warned: set[str] = set()  # what this cache has said once (RaggedLayer.warn_if_kept_whole)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
+        self.checked_reads: dict = {}  # a buffer model's read of the forward in progress (RaggedLayer.attend_at)
         # Sliding layers need masks at true offsets (their window); without them masks can cover the chunk.
         self.can_mask_chunks = "sliding" not in self.kinds
         self.chunk_masks = False
@@ -120,6 +121,7 @@ class LUKVCache(Cache):
 
     def reset(self) -> None:
         self.checked_masks.clear()
+        self.checked_reads.clear()
         for layer in self.layers:
             layer.reset()
 

@@ -19,7 +19,7 @@ from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.policy.eviction import Candidates, evict, real_queries
 from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.runtime import ops  # noqa: F401  (registers the lukv:: ops update() returns)
-from lukv_compile.runtime.buffers import check_causal_read, chunk_start, release
+from lukv_compile.runtime.buffers import chunk_start, padding_of_read, release
 from lukv_compile.runtime.errors import LUKVCacheError, LUKVWarning
 from lukv_compile.runtime.storage import RaggedStore
 
@@ -51,14 +51,19 @@ def chunk_real_counts(attn_mask: torch.Tensor | None, is_causal: bool, batch: in
                              f"expected [batch, 1, {chunk}, {chunk}] (causal over the new tokens)")
     allowed = allowed.expand(batch, -1, -1, -1)
     counts = allowed[:, 0, -1, :].sum(dim=-1).cpu().numpy().astype(np.int64)
-    index = torch.arange(chunk, device=allowed.device)
-    real = index[None, :] >= torch.as_tensor(chunk - counts, device=allowed.device)[:, None]  # [B, C]
-    expected = (index[None, :] <= index[:, None])[None] & real[:, None, :]
-    if not torch.equal(allowed, expected[:, None].expand_as(allowed)):
+    if not torch.equal(allowed, left_padded_causal(counts, chunk, allowed.device).expand_as(allowed)):
         raise LUKVCacheError(f"lukv: layer {layer_idx} got an attention mask that is not causal with left padding "
                              "(a custom mask, or padding on the right); LU-KV cannot serve it from a compressed "
                              "cache")
     return counts
+
+
+def left_padded_causal(counts: np.ndarray, chunk: int, device: torch.device) -> torch.Tensor:
+    """The [B, 1, C, C] mask transformers builds for a chunk whose rows hold `counts` [B] real tokens at their end:
+    causal, padding hidden (queries on padding see nothing)."""
+    index = torch.arange(chunk, device=device)
+    real = index[None, :] >= torch.as_tensor(chunk - counts, device=device)[:, None]  # [B, C]
+    return ((index[None, :] <= index[:, None])[None] & real[:, None, :])[:, None]
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -70,6 +75,7 @@ class RaggedLayer(CacheLayerMixin):
     def __init__(self, cache, layer_idx: int):
         super().__init__()
         self.settings, self.profile, self.checked_masks = cache.settings, cache.profile, cache.checked_masks
+        self.checked_reads = cache.checked_reads
         self.kv_heads, self.head_dim, self.warned = cache.num_kv_heads, cache.head_dim, cache.warned
         self.handle, self.layer_idx = cache.handle, layer_idx
         self.chunk_masks = False  # set while a prepared call runs (LUKVCache.masks_over_chunk)
@@ -179,16 +185,21 @@ class RaggedLayer(CacheLayerMixin):
         mask_id = (attn_mask.data_ptr(), tuple(attn_mask.shape)) if attn_mask is not None else None
         key = ("buffer", mask_id, start, chunk, kv_end, is_causal)
         if start == 0 and self.layer_idx == 0:
-            self.checked_masks.clear()  # a new sequence: its mask is checked afresh, whatever its address
-        if key not in self.checked_masks:  # once per forward: every layer reads the same mask
-            check_causal_read(attn_mask, is_causal, kv_end, start, chunk, capacity, self.layer_idx)
-            self.checked_masks.clear()
-            self.checked_masks[key] = True
+            self.checked_reads.clear()  # a new sequence: its mask is checked afresh, whatever its address
+        if key not in self.checked_reads:  # once per forward: every layer reads the same mask
+            batch = k.shape[0]
+            known = self.seen - self.real_tokens if start and len(self.real_tokens) == batch else None
+            pads = padding_of_read(attn_mask, is_causal, kv_end, start, chunk, capacity, batch, known,
+                                   self.layer_idx)
+            counts = chunk - np.clip(pads - start, 0, chunk)
+            self.checked_reads.clear()
+            self.checked_reads[key] = None if (counts == chunk).all() else left_padded_causal(counts, chunk, k.device)
+        chunk_mask = self.checked_reads[key]  # None: no padding in this chunk
         for buffer in buffers:
             release(buffer)
         if start == 0 and self.seen:
             self.reset()  # the model starts a new sequence over its buffers
-        return self.attend(q, k, v, None, chunk > 1, scale)
+        return self.attend(q, k, v, chunk_mask, chunk > 1, scale)
 
     def check_shape(self, heads: int, head_dim: int) -> None:
         if (heads, head_dim) != (self.kv_heads, self.head_dim):
