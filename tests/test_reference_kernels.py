@@ -88,7 +88,7 @@ def check_store(store: RaggedStore, model: HeadModel) -> None:
     assert (starts[1:] >= starts[:-1] + caps[:-1]).all()
     assert int(store.cap.sum()) == slots
     tensors = (store.keys, store.values, store.positions)
-    metadata = store.start.nbytes + store.length.nbytes + store.cap.nbytes
+    metadata = sum(a.nbytes for a in (store.start, store.length, store.cap, store.prefix_start, store.prefix_length))
     assert store.nbytes() == sum(t.numel() * t.element_size() for t in tensors) + metadata
     dev_start, dev_length = store.device_metadata()
     assert np.array_equal(dev_start.cpu().numpy(), store.start)
@@ -206,7 +206,7 @@ def test_room_for_is_a_floor_or_a_share_of_the_length():
 def test_store_holds_exactly_what_each_head_was_given(batch, heads, dtype, seed, data):
     builder = Builder(batch, heads, 4, dtype, seed)
     check_store(builder.store, builder.model)
-    assert builder.store.nbytes() == 3 * batch * heads * 8  # nothing reserved up front
+    assert builder.store.nbytes() == 5 * batch * heads * 8  # nothing reserved up front: metadata alone
     for _ in range(data.draw(st.integers(1, 8), label="operations")):
         op = data.draw(st.sampled_from(["append", "append", "append", "long_append", "replace", "keep_counts",
                                         "select_rows"]), label="op")

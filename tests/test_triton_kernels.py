@@ -138,6 +138,33 @@ def test_decode_after_decode_appends(num_splits):
         torch.testing.assert_close(out.cpu(), truth(q, store, 0.2), **TOLERANCE[torch.float32])
 
 
+def unshared(store: RaggedStore) -> RaggedStore:
+    """A copy of a forked store holding every token in its own storage (what the kernels must match)."""
+    copy = RaggedStore(store.batch, store.heads, store.head_dim, store.keys.dtype, store.device)
+    copy._layout([store.shared(), store.own()], store.held)
+    return copy
+
+
+@EXAMPLES
+@given(st.integers(1, 3), st.integers(1, 2), gqa_group, st.sampled_from(DTYPES), st.sampled_from([None, 1, 3]),
+       st.integers(1, 3), st.data())
+def test_decode_over_a_shared_prefix_matches_the_unshared_store(rows, h, group, dtype, num_splits, steps, data):
+    """A fork's heads read the shared prefix then their own tokens: the kernel merges both parts' partials."""
+    lengths = np.array(data.draw(st.lists(segment_length, min_size=h, max_size=h)), dtype=np.int64)
+    lengths[-1] = max(lengths[-1], 1)  # some head holds a token, so there is a prefix (others may hold none)
+    seed = data.draw(st.integers(0, 2**16))
+    fork = ragged_store(lengths.reshape(1, h), 32, dtype, seed).fork_rows(np.zeros(rows, dtype=np.int64))
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        k, v = torch.randn(2, rows, h, 1, 32, generator=gen).to(dtype).to(DEVICE)
+        fork.append(k, v, np.ones(rows, dtype=np.int64), 500 + step)
+    q = torch.randn(rows, h * group, 1, 32, generator=gen).to(dtype).to(DEVICE)
+    prefix = (fork.prefix.keys, fork.prefix.values, *fork.prefix_device_metadata())
+    out = triton_decode_attention(q, fork.keys, fork.values, *fork.device_metadata(), 0.2, num_splits=num_splits,
+                                  prefix=prefix)
+    torch.testing.assert_close(out.float().cpu(), truth(q, unshared(fork), 0.2), **TOLERANCE[dtype])
+
+
 def test_decode_rejects_bad_inputs():
     store = ragged_store(np.array([[2, 3]]), 16, torch.float32, 0)
     start, length = store.device_metadata()

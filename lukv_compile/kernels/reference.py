@@ -17,15 +17,18 @@ import torch.nn.functional as F
 
 
 def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: np.ndarray,
-                      length: np.ndarray, counts: np.ndarray, scale: float) -> torch.Tensor:
+                      length: np.ndarray, counts: np.ndarray, scale: float,
+                      prefix: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
     """Attention of a query chunk over each KV head's segment, causal inside the chunk.
 
     q [B, Hq, C, D]; start/length [B, H] (host); the last counts[b] tokens of each of row b's segments are
     the chunk's real tokens, matching the last counts[b] queries (the chunk's padding is on the left).
     Real query i attends to its head's tokens up to and including itself; padding queries output zeros.
+    prefix: (keys, values, start, length) of tokens each head holds before its segment (a forked cache's
+    shared prefix, runtime/storage.py), seen by every real query.
     Returns [B, Hq, C, D] in q's dtype, contiguous.
     """
-    if q.shape[2] == 1 and bool((counts == 1).all()) and bool((length > 0).all()):
+    if prefix is None and q.shape[2] == 1 and bool((counts == 1).all()) and bool((length > 0).all()):
         return decode_attention(q, keys, values, start, length, scale)
     b, hq, c, d = q.shape
     h = start.shape[1]
@@ -43,9 +46,26 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             if real > 1:  # query i sees the n - real kept tokens and the chunk up to itself
                 last_seen = n - real + torch.arange(real, device=q.device)
                 mask = torch.arange(n, device=q.device)[None, :] <= last_seen[:, None]
-            out[row, head * group:(head + 1) * group, c - real:] = F.scaled_dot_product_attention(
-                queries, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[0]
+            if prefix is None:
+                result = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            else:
+                ps, pn = int(prefix[2][row, head]), int(prefix[3][row, head])
+                result = two_part_attention(queries, prefix[0][ps:ps + pn], prefix[1][ps:ps + pn], k[0, 0], v[0, 0],
+                                            mask, scale)
+            out[row, head * group:(head + 1) * group, c - real:] = result[0]
     return out
+
+
+def two_part_attention(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
+                       mask2: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention of q [1, G, R, D] over keys k1 [N1, D] then k2 [N2, D] (mask2 [R, N2] on the second),
+    without concatenating the keys: one softmax over both parts' scores, in fp32."""
+    s1 = q.float() @ k1.float().T * scale
+    s2 = q.float() @ k2.float().T * scale
+    if mask2 is not None:
+        s2 = s2.masked_fill(~mask2, float("-inf"))
+    p = torch.softmax(torch.cat([s1, s2], dim=-1), dim=-1)
+    return (p[..., :k1.shape[0]] @ v1.float() + p[..., k1.shape[0]:] @ v2.float()).to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: np.ndarray,

@@ -3,7 +3,9 @@
 One program per (batch row, KV head, split): it streams its share of the head's segment
 [seg_start, seg_start + seg_len) in BLOCK_N-slot tiles and loads each K/V tile once for all the query
 heads of the GQA group (q tile [GROUP_PAD, D] @ K tile^T). With one split the program normalises and
-writes the output; with several, each writes a partial (max, sum, acc) and `_combine_splits` merges them.
+writes the output; with several, each writes a partial (max, sum, acc) and `_combine_kernel` merges them.
+A forked cache's heads also read a shared prefix (runtime/storage.py): the same kernel writes the prefix's
+partials beside the head's own, and one combine merges both.
 Accumulation is fp32 whatever the input dtype; a head with no tokens outputs zeros (as the reference).
 """
 
@@ -29,9 +31,9 @@ SUM = tl.standard._sum_combine
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, start_ptr, len_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    qk_scale, stride_q, stride_k, stride_v, stride_o,
+    qk_scale, stride_q, stride_k, stride_v, stride_o, part_offset, part_stride,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, WRITE_PARTS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     head = tl.program_id(0)  # flat KV head b * H + h
     split = tl.program_id(1)
@@ -84,12 +86,12 @@ def _decode_kernel(
         m_i = m_new
 
     out_mask = row_ok[:, None] & dim_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not WRITE_PARTS:
         out = acc / tl.maximum(l_i, 1.1754943508222875e-38)[:, None]  # empty head: 0 / tiny = 0
         tl.store(out_ptr + q_rows[:, None] * stride_o + dims[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
     else:
-        part = q_rows * NUM_SPLITS + split
+        part = q_rows * part_stride + part_offset + split
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
         tl.store(part_l_ptr + part, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
@@ -161,30 +163,42 @@ def check_decode_inputs(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seg_start: torch.Tensor,
-                            seg_len: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """As `reference.segment_attention` on one-token chunks; `num_splits` None picks `default_num_splits`."""
+                            seg_len: torch.Tensor, scale: float, num_splits: int | None = None,
+                            prefix: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """As `reference.segment_attention` on one-token chunks; `num_splits` None picks `default_num_splits`.
+
+    prefix: (keys, values, seg_start, seg_len) of a shared prefix each head reads before its own segment."""
     check_decode_inputs(q, keys, values, seg_start, seg_len)
+    parts = [(keys, values, seg_start, seg_len)]
+    if prefix is not None:
+        check_decode_inputs(q, *prefix)
+        parts.insert(0, prefix)
     b, hq, _, d = q.shape
     kv_heads = seg_start.numel()
-    group = hq // seg_start.shape[1]
-    splits = default_num_splits(q, keys, kv_heads) if num_splits is None else num_splits
-    if splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {splits}")
+    splits = [default_num_splits(q, part[0], kv_heads) if num_splits is None else num_splits for part in parts]
+    if min(splits) < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     q_rows = q.reshape(b * hq, d).contiguous()
     out = torch.empty(b * hq, d, dtype=q.dtype, device=q.device)
-    part_m = part_l = part_acc = out  # unused with one split
-    if splits > 1:
-        part_m = torch.empty(b * hq, splits, dtype=torch.float32, device=q.device)
+    total = sum(splits)
+    part_m = part_l = part_acc = out  # unused when one program writes each output
+    if total > 1:
+        part_m = torch.empty(b * hq, total, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(b * hq, splits, d, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(b * hq, total, d, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
-    _decode_kernel[(kv_heads, splits)](
-        q_rows, keys, values, seg_start.reshape(-1).contiguous(), seg_len.reshape(-1).contiguous(), out,
-        part_m, part_l, part_acc, scale * LOG2E, q_rows.stride(0), keys.stride(0), values.stride(0),
-        out.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK=BLOCK_N, NUM_SPLITS=splits, DOT_FP32=needs_fp32_dot(q, keys),
-    )
-    if splits > 1:
+    group = hq // seg_start.shape[1]
+    offset = 0
+    for (k, v, start, length), n in zip(parts, splits, strict=True):
+        _decode_kernel[(kv_heads, n)](
+            q_rows, k, v, start.reshape(-1).contiguous(), length.reshape(-1).contiguous(), out,
+            part_m, part_l, part_acc, scale * LOG2E, q_rows.stride(0), k.stride(0), v.stride(0),
+            out.stride(0), offset, total, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK=BLOCK_N, NUM_SPLITS=n, WRITE_PARTS=total > 1,
+            DOT_FP32=needs_fp32_dot(q, k),
+        )
+        offset += n
+    if total > 1:
         _combine_kernel[(b * hq,)](part_m, part_l, part_acc, out, out.stride(0), HEAD_DIM=d, BLOCK_D=block_d,
-                                   NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits))
+                                   NUM_SPLITS=total, SPLITS_PAD=triton.next_power_of_2(total))
     return out.view(b, hq, 1, d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lukv_compile.runtime.cache import LUKVCache
+from lukv_compile.runtime.layer import RaggedLayer
 
 
 def packed(t: torch.Tensor) -> torch.Tensor:
@@ -44,4 +45,7 @@ def chunked_prefill(forward, cache: LUKVCache, input_ids: torch.Tensor, attentio
             if position_ids is not None:
                 kwargs["position_ids"] = packed(position_ids[:, first:last])
             logits = forward(input_ids=packed(input_ids[:, first:last]), cache=cache, **kwargs).logits
+    ragged = [layer for layer in cache.layers if isinstance(layer, RaggedLayer)]
+    if logits is not None and ragged:
+        ragged[0].warn_if_kept_whole(ragged[0].real_tokens)  # about the whole prompt, not its first chunk
     return logits

@@ -169,7 +169,7 @@ class RaggedLayer(CacheLayerMixin):
         else:
             store.append(k, v, counts, first)
             out = self.attend_stored(q, counts, scale)
-            budget = self.due_budget(False, c, store.length, real_tokens)
+            budget = self.due_budget(False, c, store.held, real_tokens)
             if budget is not None:
                 self.evict_to(budget, Candidates.from_store(store), q, counts, scale)
         self.seen, self.real_tokens = first + c, real_tokens
@@ -209,8 +209,10 @@ class RaggedLayer(CacheLayerMixin):
 
     def warn_if_kept_whole(self, real_tokens: np.ndarray) -> None:
         """Say once per cache when a prompt is too short to compress: every head keeps sink + window tokens."""
+        if self.evict_every_chunk:
+            return  # a chunked prefill: chunked_prefill() asks once the whole prompt is in
         protected = self.profile.sink + self.profile.window
-        short = real_tokens[real_tokens <= protected]
+        short = real_tokens[(real_tokens <= protected) & (real_tokens > 0)]  # 0: a row's chunk of padding alone
         if self.settings.compression > 0 and short.size and "short prompt" not in self.warned:
             self.warned.add("short prompt")
             warnings.warn(f"lukv: a prompt of {int(short.max())} tokens is not longer than sink + window = "
@@ -236,12 +238,21 @@ class RaggedLayer(CacheLayerMixin):
         return self.checked_masks[key]
 
     def attend_stored(self, q: torch.Tensor, counts: np.ndarray, scale: float) -> torch.Tensor:
-        store = self.store
+        store, shared = self.store, self.store.shared()
         if q.is_cuda and q.shape[2] == 1:
             from lukv_compile.kernels.triton_decode import triton_decode_attention
 
-            return triton_decode_attention(q, store.keys, store.values, *store.device_metadata(), scale)
-        return segment_attention(q, store.keys, store.values, store.start, store.length, counts, scale)
+            prefix = None if shared is None else (shared.keys, shared.values, *store.prefix_device_metadata())
+            return triton_decode_attention(q, store.keys, store.values, *store.device_metadata(), scale,
+                                           prefix=prefix)
+        prefix = None if shared is None else (shared.keys, shared.values, shared.start, shared.length)
+        return segment_attention(q, store.keys, store.values, store.start, store.length, counts, scale, prefix)
+
+    def fork_into(self, fork: RaggedLayer, rows: np.ndarray) -> None:
+        """Make `fork` (a layer of another cache) continue from this layer's rows `rows`, sharing its tokens."""
+        if self.store is not None:
+            fork.store = self.store.fork_rows(rows)
+        fork.seen, fork.real_tokens = self.seen, self.real_tokens[rows]
 
     # ---- inspection
 

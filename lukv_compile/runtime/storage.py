@@ -6,12 +6,19 @@ sequence order, with each token's original position in `positions` [S]. The segm
 the host (numpy), so the CPU kernels slice each head without a device read; `device_metadata()` gives
 the same as device tensors for the GPU kernels.
 
+A forked store (`fork_rows`, LUKVCache.fork) reads its past from a `SharedPrefix` that several stores hold
+and none writes: head (b, h)'s tokens are its prefix segment [prefix_start, + prefix_length) followed by its
+own segment. Appending never touches the prefix; eviction and reordering lay the head out again on its own
+(copy on divergence), so N forks of one document hold one document plus N suffixes until they evict.
+
 Storage grows as tokens arrive: when a head is full the layer is laid out again with room for
 1/ROOM_SHARE more tokens per head (amortised O(1) per token, never a per-step copy), and eviction
 rebuilds it at exactly the kept tokens plus that room. Nothing is reserved up front.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +45,24 @@ def segment_slots(start: np.ndarray, length: np.ndarray) -> np.ndarray:
     return np.repeat(start, length) + offsets
 
 
+class SharedPrefix(NamedTuple):
+    """Flat tokens several forked stores read and none writes (see module docstring)."""
+
+    keys: torch.Tensor  # [S, D]
+    values: torch.Tensor  # [S, D]
+    positions: torch.Tensor  # [S]
+
+
+class Segments(NamedTuple):
+    """Where each head's tokens lie in flat tensors: head (b, h) holds length[b, h] tokens from start[b, h]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    start: np.ndarray  # [B, H]
+    length: np.ndarray  # [B, H]
+
+
 class RaggedStore:
     """One compressible layer's kept tokens (see module docstring)."""
 
@@ -49,36 +74,74 @@ class RaggedStore:
         self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(0, head_dim, dtype=dtype, device=device)
         self.positions = torch.empty(0, dtype=torch.int32, device=device)
+        self.prefix: SharedPrefix | None = None
+        self.prefix_start = np.zeros((batch, heads), dtype=np.int64)
+        self.prefix_length = np.zeros((batch, heads), dtype=np.int64)
         self._device_metadata = None
+
+    @classmethod
+    def from_packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                    length: np.ndarray) -> RaggedStore:
+        """A store holding `length` [B, H] tokens per head, packed head after head (b-major) in the tensors."""
+        store = cls(*length.shape, keys.shape[1], keys.dtype, keys.device)
+        store._layout([Segments(keys, values, positions.to(torch.int32), starts_of(length), length)],
+                      length + room_for(length))
+        return store
 
     @property
     def device(self) -> torch.device:
         return self.keys.device
 
     @property
+    def held(self) -> np.ndarray:
+        """Tokens each head [B, H] holds: its shared prefix and its own."""
+        return self.prefix_length + self.length
+
+    @property
     def num_tokens(self) -> int:
-        return int(self.length.sum())
+        return int(self.held.sum())
+
+    def own(self) -> Segments:
+        return Segments(self.keys, self.values, self.positions, self.start, self.length)
+
+    def shared(self) -> Segments | None:
+        """The shared prefix's segments of this store's heads, or None."""
+        if self.prefix is None:
+            return None
+        return Segments(*self.prefix, self.prefix_start, self.prefix_length)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this store keeps alive (a shared prefix too, which its forks count as well)."""
+        return [self.keys, self.values, self.positions] + (list(self.prefix) if self.prefix is not None else [])
 
     def nbytes(self) -> int:
-        """Bytes held: every slot's key, value and position, plus the host segment metadata."""
-        tensors = (self.keys, self.values, self.positions)
-        return sum(t.numel() * t.element_size() for t in tensors) + self.start.nbytes * 3
+        """Bytes held: every slot's key, value and position (a shared prefix whole), plus the host metadata."""
+        return sum(t.numel() * t.element_size() for t in self.tensors()) + self.metadata_nbytes()
+
+    def metadata_nbytes(self) -> int:
+        return self.start.nbytes * 5  # start, length, cap and the prefix's start, length
 
     def device_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, length) as int64 tensors on the storage's device, for the GPU kernels."""
         if self._device_metadata is None:
-            self._device_metadata = (torch.as_tensor(self.start, device=self.device),
-                                     torch.as_tensor(self.length, device=self.device))
-        return self._device_metadata
+            self._device_metadata = tuple(torch.as_tensor(a, device=self.device) for a in
+                                          (self.start, self.length, self.prefix_start, self.prefix_length))
+        return self._device_metadata[:2]
+
+    def prefix_device_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, length) of the shared prefix's segments as device tensors."""
+        self.device_metadata()
+        return self._device_metadata[2:]
 
     def head_positions(self, b: int, h: int) -> torch.Tensor:
-        s = int(self.start[b, h])
-        return self.positions[s:s + int(self.length[b, h])]
+        parts = [part.positions[s:s + n] for part in filter(None, (self.shared(), self.own()))
+                 for s, n in [(int(part.start[b, h]), int(part.length[b, h]))]]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _move(self, src_start: np.ndarray, length: np.ndarray, cap: np.ndarray) -> None:
-        """Copy the `length` [B, H] tokens at slots `src_start` into fresh buffers laid out with capacities `cap`.
+    def _layout(self, sources: list[Segments], cap: np.ndarray) -> None:
+        """Lay the heads out afresh with capacities `cap` [B, H], each holding its tokens from `sources` in order.
 
-        One slice copy per head: 2-7x faster than a gather/scatter over every token's slot index
+        One slice copy per head and source: 2-7x faster than a gather/scatter over every token's slot index
         (benchmarks/bench_regrowth.py), and a decode step pays it whenever some head of the layer runs out of room.
         """
         start = starts_of(cap)
@@ -86,15 +149,49 @@ class RaggedStore:
         keys = self.keys.new_zeros(total, self.head_dim)
         values = self.values.new_zeros(total, self.head_dim)
         positions = self.positions.new_full((total,), -1)
-        for src, dst, n in zip(src_start.reshape(-1).tolist(), start.reshape(-1).tolist(), length.reshape(-1).tolist(),
-                               strict=True):
-            keys[dst:dst + n] = self.keys[src:src + n]
-            values[dst:dst + n] = self.values[src:src + n]
-            positions[dst:dst + n] = self.positions[src:src + n]
+        filled = start.copy()
+        for src in sources:
+            for s, d, n in zip(src.start.reshape(-1).tolist(), filled.reshape(-1).tolist(),
+                               src.length.reshape(-1).tolist(), strict=True):
+                keys[d:d + n] = src.keys[s:s + n]
+                values[d:d + n] = src.values[s:s + n]
+                positions[d:d + n] = src.positions[s:s + n]
+            filled = filled + src.length
         self.keys, self.values, self.positions = keys, values, positions
-        self.start, self.length, self.cap = start, length, cap
-        self.batch = length.shape[0]
+        self.start, self.length, self.cap = start, filled - start, cap
+        self.batch = cap.shape[0]
         self._device_metadata = None
+
+    def unshare(self) -> None:
+        """Hold every token in this store's own storage, the shared prefix no more (before it diverges)."""
+        if self.prefix is None:
+            return
+        held = self.held
+        self._layout([self.shared(), self.own()], held + room_for(held))
+        self.prefix = None
+        self.prefix_start, self.prefix_length = np.zeros_like(self.start), np.zeros_like(self.length)
+
+    def packed(self) -> Segments:
+        """Every head's tokens in order, head after head (b-major) with no free slots: what a file holds."""
+        copy = RaggedStore(self.batch, self.heads, self.head_dim, self.keys.dtype, self.device)
+        copy._layout([part for part in (self.shared(), self.own()) if part is not None], self.held)
+        return copy.own()
+
+    def fork_rows(self, rows: np.ndarray) -> RaggedStore:
+        """A store whose row i continues from this store's row rows[i], sharing its tokens (neither writes them).
+
+        This store's own tokens become the shared prefix too (copied once into one when it already had one)."""
+        if self.length.any():
+            held = self.held
+            if self.prefix is not None:
+                self.unshare()
+            self.prefix = SharedPrefix(self.keys, self.values, self.positions)
+            self.prefix_start, self.prefix_length = self.start, held
+            self._layout([], np.zeros_like(held))  # own storage empty: it grows afresh as tokens arrive
+        fork = RaggedStore(len(rows), self.heads, self.head_dim, self.keys.dtype, self.device)
+        fork.prefix = self.prefix
+        fork.prefix_start, fork.prefix_length = self.prefix_start[rows], self.prefix_length[rows]
+        return fork
 
     def append(self, k: torch.Tensor, v: torch.Tensor, counts: np.ndarray, first_position: int) -> None:
         """Append the last counts[b] tokens of row b of k/v [B, H, C, D] to every head of that row.
@@ -108,7 +205,7 @@ class RaggedStore:
             # Every head short of half its room is laid out again too: the layer is copied anyway, and
             # heads that would overflow a few steps later then share this copy instead of each making one.
             room = room_for(grown)
-            self._move(self.start, self.length, np.where(grown + room // 2 > self.cap, grown + room, self.cap))
+            self._layout([self.own()], np.where(grown + room // 2 > self.cap, grown + room, self.cap))
         if c == 1 and (counts == 1).all():  # a decode step: one slot per head, no masks
             self._append_one(k, v, first_position)
             return
@@ -136,8 +233,10 @@ class RaggedStore:
         """Every head's tokens right-aligned in [B, H, T, D] (T = the longest head), for scoring.
 
         Returns keys, values, positions [B, H, T] (-1 where empty) and valid [B, H, T]. Right alignment
-        puts each head's newest token at T - 1, as left padding does for a prompt.
+        puts each head's newest token at T - 1, as left padding does for a prompt. Scoring leads to
+        eviction, so a forked store first takes its tokens out of the shared prefix.
         """
+        self.unshare()
         b, h = self.length.shape
         t = int(self.length.max())
         index = np.zeros((b, h, t), dtype=np.int64)
@@ -156,6 +255,8 @@ class RaggedStore:
 
         The layer is rebuilt at the kept tokens plus room: the evicted tokens' memory is freed.
         """
+        if self.prefix is not None:
+            raise RuntimeError("replace() on a store that still shares a prefix: dense() unshares it first")
         kept = selected.sum(dim=-1).cpu().numpy().astype(np.int64)
         cap = kept + room_for(kept)
         start = starts_of(cap)
@@ -170,6 +271,10 @@ class RaggedStore:
         self._device_metadata = None
 
     def select_rows(self, rows: np.ndarray) -> None:
-        """Row i becomes a copy of row rows[i] (beam search reordering): whole segments move, metadata too."""
+        """Row i becomes a copy of row rows[i] (beam search reordering): whole segments move, metadata too.
+
+        A shared prefix stays shared: only which of its segments each row reads changes."""
         length = self.length[rows]
-        self._move(self.start[rows], length, length + room_for(length))
+        self._layout([Segments(self.keys, self.values, self.positions, self.start[rows], length)],
+                     length + room_for(length))
+        self.prefix_start, self.prefix_length = self.prefix_start[rows], self.prefix_length[rows]
