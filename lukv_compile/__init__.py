@@ -13,11 +13,12 @@ from lukv_compile.compiler.forward import CompileLimitError, buffer_cache
 from lukv_compile.compiler.warm_start import save_warm_start, warm_start
 from lukv_compile.profile import Profile, ProfileError
 from lukv_compile.profiling.reconstruction import repeat_ids
-from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
+from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes, nbytes_together
 from lukv_compile.runtime.compress_context import compress_context
 from lukv_compile.runtime.errors import LUKVCacheError, LUKVWarning
+from lukv_compile.runtime.questions import questions_batch
 from lukv_compile.settings import LUKVSettings
 
 __all__ = ["CompileLimitError", "LUKVCache", "LUKVCacheError", "LUKVSettings", "LUKVWarning", "Profile",
-           "ProfileError", "buffer_cache", "compress_context", "full_cache_nbytes", "repeat_ids", "save_warm_start",
-           "warm_start"]
+           "ProfileError", "buffer_cache", "compress_context", "full_cache_nbytes", "nbytes_together",
+           "questions_batch", "repeat_ids", "save_warm_start", "warm_start"]

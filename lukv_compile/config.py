@@ -1,10 +1,13 @@
-"""What lukv reads off a transformers config: layer kinds, KV shape, and the fingerprint profiles are tied to."""
+"""What lukv reads off a transformers config: layer kinds, KV shape, and the fingerprints profiles and saved
+caches are tied to."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from typing import Any
+
+import torch
 
 # Fields that decide the shapes and the maths of attention; a profile is only valid for a model
 # whose fingerprint over these matches.
@@ -80,6 +83,26 @@ def config_fingerprint(config: Any) -> str:
     fields = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+WEIGHT_SAMPLES = 64  # values read from each parameter for its fingerprint
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and WEIGHT_SAMPLES values spread over it.
+
+    Tells two checkpoints of one architecture apart (a cache's K/V are only right for the weights that made
+    them) in milliseconds, without reading every weight of a large model.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, weight in sorted(module.named_parameters(), key=lambda item: item[0]):
+            flat = weight.detach().reshape(-1)
+            samples = min(WEIGHT_SAMPLES, flat.numel())
+            index = torch.arange(samples, device=flat.device) * (flat.numel() - 1) // max(samples - 1, 1)
+            digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+            digest.update(flat[index].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def kv_shape(config: Any) -> tuple[int, int, int]:

@@ -54,6 +54,7 @@ def prepare_chunk(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> 
     check_not_empty(inputs)
     if isinstance(cache, LUKVCache) and module is not None and hasattr(module, "config"):
         cache.check_model(module.config)  # before any work: a cache built for another model is refused
+        cache.meet_model(module)  # and one loaded from a file saved from other weights
     relative = None
     if module is not None and isinstance(cache, LUKVCache) and cache.can_mask_chunks:
         changed = chunk_relative_inputs(inputs, cache, "position_ids" in parameters)

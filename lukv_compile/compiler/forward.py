@@ -108,6 +108,8 @@ class CompiledForward:
                     "many tokens (with evict='turn' each is evicted to the budget) and leave prefill_chunk unset")
             config = buffer_model_config(self.module, layers, q_heads, kv_heads, head_dim)
             self.buffer_cache = LUKVCache(config, self.settings)
+            if isinstance(self.module, torch.nn.Module):
+                self.buffer_cache.meet_model(self.module)  # what buffer_cache(compiled).save records
         elif self.buffer_cache.shape != (layers, kv_heads, head_dim):
             raise UnsupportedAttention(
                 f"lukv: this graph attends over KV buffers of {describe_shape((layers, kv_heads, head_dim))}, but "

@@ -13,11 +13,23 @@ use transformers' own `DynamicSlidingWindowLayer`, which is exact and already bo
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from lukv_compile.config import config_fingerprint, head_dim_of, kv_shape, layer_kinds, sliding_layers, text_config
+from lukv_compile.config import (
+    config_fingerprint,
+    head_dim_of,
+    kv_shape,
+    layer_kinds,
+    sliding_layers,
+    text_config,
+    weights_fingerprint,
+)
 from lukv_compile.policy.scorers import REGISTRY, layer_ropes
 from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
 from lukv_compile.runtime import registry
@@ -43,7 +55,7 @@ class LUKVCache(Cache):
             raise ValueError(f"give LUKVCache either settings= or keyword options, not both ({', '.join(kwargs)})")
         settings = settings if settings is not None else LUKVSettings(**kwargs)
         config = text_config(config)
-        self.settings = settings
+        self.config, self.settings = config, settings
         self.kinds = layer_kinds(config)
         if "ragged" not in self.kinds:
             raise ValueError(f"every layer of this {getattr(config, 'model_type', 'model')} uses sliding-window "
@@ -52,6 +64,9 @@ class LUKVCache(Cache):
                              "shorter than the window), set config.sliding_window = None")
         self.shape = kv_shape(config)  # (layers, KV heads, head_dim): what a model must have to use this cache
         self.checked_config = None  # the last model config check_model passed
+        self.model = None  # weakref to the model this cache last served (meet_model)
+        self.weights = ""  # weights fingerprint of the model that made a loaded cache's K/V ("" = not loaded)
+        self.token_ids: torch.Tensor | None = None  # the tokens a loaded cache has seen, when the file has them
         self.num_kv_heads, self.head_dim = self.shape[1:]
         self.warned: set[str] = set()  # what this cache has said once (RaggedLayer.warn_if_kept_whole)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
@@ -91,6 +106,73 @@ class LUKVCache(Cache):
                                  "config: LUKVCache(model.config, ...)")
         self.checked_config = config
 
+    def meet_model(self, model: torch.nn.Module) -> None:
+        """Remember the model this cache serves (what `save` records) and refuse, before any work, a model whose
+        weights differ from those that made a loaded cache's K/V."""
+        if self.model is not None and self.model() is model:
+            return  # once per model: this runs before every compiled call
+        theirs = weights_fingerprint(model) if self.weights and not self.settings.allow_other_model else ""
+        if theirs != self.weights and theirs:
+            raise LUKVCacheError(f"this LUKVCache was saved from a model with weights fingerprint {self.weights[:12]}"
+                                 f"..., but is used with a model whose weights differ ({theirs[:12]}...): its keys "
+                                 "and values would be wrong for this model. Load it with allow_other_model=True to "
+                                 "use it anyway")
+        self.model = weakref.ref(model)
+
+    def save(self, path: str | Path, token_ids: torch.Tensor | None = None) -> None:
+        """Write the kept K/V, positions, counters, policy and model identity to `path` (safetensors).
+
+        token_ids [B, T >= seen]: the sequences so far (generate's output: the tokens this cache has seen, then
+        the last generated one, not yet fed); a later `generate` takes them before the new tokens, and
+        `LUKVCache.load` gives them back as `cache.token_ids`. runtime/saved.py has the format.
+        """
+        from lukv_compile.runtime.saved import save_cache
+
+        save_cache(self, Path(path), token_ids)
+
+    @classmethod
+    def load(cls, path: str | Path, model, allow_other_model: bool = False,
+             device: torch.device | str | None = None) -> LUKVCache:
+        """The cache `save` wrote, to continue with `model` (or a model of this config: its weights are then
+        checked at its first forward). A file saved from another model (config or weights) is refused unless
+        `allow_other_model`; a corrupt or truncated file is refused, naming what is wrong."""
+        from lukv_compile.runtime.saved import load_cache
+
+        return load_cache(cls, Path(path), model, allow_other_model, device)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows (sequences) this cache holds, None when empty."""
+        stores = [layer.store for layer in self.layers if isinstance(layer, RaggedLayer) and layer.store is not None]
+        return stores[0].batch if stores else None
+
+    def fork(self, batch: int | None = None) -> LUKVCache:
+        """An independent cache that continues from this one's state; both share the K/V held now.
+
+        batch None: the fork has this cache's rows. batch N: this cache holds one sequence and each of the
+        fork's N rows continues from it (N questions over one document in one batched generate:
+        `lukv_compile.questions_batch`). The shared K/V are stored once and never copied by appending
+        (questions, answers): N forks of a document hold one document plus N suffixes. A fork that evicts
+        again (evict='turn' / 'always') first takes its own copy of what it keeps.
+        """
+        held = self.batch_size
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+            raise ValueError(f"fork batch must be an int >= 1 or None, got {batch!r}")
+        if batch is not None and held not in (None, 1):
+            raise ValueError(f"fork(batch={batch}) continues one sequence in every row, but this cache holds {held}; "
+                             "fork() without batch keeps its rows")
+        rows = np.zeros(batch, dtype=np.int64) if batch is not None else np.arange(held or 0)
+        fork = LUKVCache(self.config, self.settings)
+        fork.model, fork.weights = self.model, self.weights
+        fork.token_ids = None if self.token_ids is None else self.token_ids[torch.as_tensor(rows)]
+        for i, mine in enumerate(self.layers):
+            if isinstance(mine, RaggedLayer):
+                if mine.store is not None:
+                    mine.fork_into(fork.layers[i], rows)
+            elif mine.keys is not None and mine.keys.numel():
+                fork.layers[i] = copied_rows(mine, rows)
+        return fork
+
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0 if self.chunk_masks else super().get_query_offset(layer_idx)
 
@@ -110,14 +192,18 @@ class LUKVCache(Cache):
             layer.chunk_masks = on
 
     def nbytes(self) -> int:
-        """Bytes held by the cache: keys, values and metadata of every layer."""
-        total = 0
+        """Bytes held by the cache: keys, values and metadata of every layer (K/V it shares with forks too)."""
+        return nbytes_together([self])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every K/V tensor the cache keeps alive, shared ones included."""
+        found = []
         for layer in self.layers:
             if isinstance(layer, RaggedLayer):
-                total += layer.nbytes()
+                found += layer.store.tensors() if layer.store is not None else []
             elif getattr(layer, "keys", None) is not None:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        return total
+                found += [layer.keys, layer.values]
+        return found
 
     def reset(self) -> None:
         self.checked_masks.clear()
@@ -136,6 +222,22 @@ class LUKVCache(Cache):
         finally:
             for layer in ragged:
                 layer.evict_every_chunk = False
+
+
+def nbytes_together(caches: list[LUKVCache]) -> int:
+    """Bytes `caches` hold together, each tensor counted once: forks of one cache share their past's K/V."""
+    tensors = {id(t): t for cache in caches for t in cache.tensors()}
+    metadata = sum(layer.store.metadata_nbytes() for cache in caches for layer in cache.layers
+                   if isinstance(layer, RaggedLayer) and layer.store is not None)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + metadata
+
+
+def copied_rows(layer: DynamicSlidingWindowLayer, rows: np.ndarray) -> DynamicSlidingWindowLayer:
+    """A sliding-window layer holding copies of `layer`'s rows `rows` (bounded by the window: no sharing)."""
+    fork = copy.copy(layer)
+    index = torch.as_tensor(rows, device=layer.keys.device)
+    fork.keys, fork.values = layer.keys[index], layer.values[index]
+    return fork
 
 
 def describe_shape(shape: tuple[int, int, int]) -> str:

@@ -52,6 +52,8 @@ def compress_context(model, cache: LUKVCache, context_ids: torch.Tensor, reconst
     reconstruction: `repeat_ids(tokenizer, context_text)`. Returns the context's next-token logits [vocab].
     """
     ids = _check(model, cache, context_ids, reconstruction)
+    cache.check_model(model.config)
+    cache.meet_model(model)
     record = record_prefill(model, ids)
     utility = reconstruction_utility(model, record, reconstruction)
     length = record.context_len
