@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from test_profiling import save_tiny_model
 
 from lukv_compile.profile import NUM_RATIOS, Profile
@@ -158,3 +159,38 @@ def test_demo_as_the_readme_runs_it():
     assert found, out
     ratio = float(re.search(r"^KV cache: .* \((\d+\.\d+)x\)$", out, re.M).group(1))
     assert ratio < 0.3, out
+
+
+@pytest.mark.parametrize("method", ["reconstruction", "prompt"])
+def test_compress_writes_a_cache_a_service_loads(method, tiny_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lukv_compile import LUKVCache
+    from lukv_compile.tools.compress_command import document_ids
+
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    (tmp_path / "doc.txt").write_text(text)
+    out = tmp_path / "doc.lukv"
+    assert main(["compress", str(tmp_path / "doc.txt"), "--model", str(tiny_folder), "--out", str(out),
+                 "--method", method, "--compression", "0.5"]) == 0
+    said = capsys.readouterr().out
+    assert f"compressed by {method}" in said and f"wrote {out}" in said
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    cache = LUKVCache.load(out, model)
+    assert torch.equal(cache.token_ids, document_ids(AutoTokenizer.from_pretrained(tiny_folder), text))
+    assert cache.settings.compression == 0.5 and cache.profile.scorer == ("reconstruction" if method ==
+                                                                           "reconstruction" else "snapkv")
+    held = sum(layer.store.held.sum() for layer in cache.layers)
+    assert held < 0.6 * len(cache.layers) * cache.num_kv_heads * cache.get_seq_length()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "/no/such/doc.txt", "--model", "smollm2", "--out", "x.lukv"], "no such file"),
+    (["compress", "{empty}", "--model", "smollm2", "--out", "x.lukv"], "is empty"),
+    (["compress", "{empty}", "--model", "smollm2", "--out", "/no/such/dir/x.lukv"], "does not exist"),
+])
+def test_compress_bad_arguments_fail_before_work(args, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text(" \n")
+    args = [a.replace("{empty}", str(tmp_path / "empty.txt")) for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `lukv` command line: profile a model, re-solve saved curves, inspect a profile.
+"""The `lukv` command line: profile a model, re-solve saved curves, inspect a profile, compress a document.
 
 One `add_<command>` function per subcommand registers its arguments and handler; add new
 subcommands by writing one and listing it in COMMANDS.
@@ -8,6 +8,7 @@ subcommands by writing one and listing it in COMMANDS.
         --out p-{scorer}.safetensors
     lukv solve p-snapkv.curves.npz --out p-layer.safetensors --scope layer
     lukv inspect p-snapkv.safetensors --compression 0.8 --png keep.png
+    lukv compress doc.txt --model smollm2 --out doc.lukv
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lukv_compile.profiling.reconstruction import POOL, PROFILE_POOL, PROMPT_FOR
 from lukv_compile.tools import eval_command
 from lukv_compile.tools.bench import add_bench, add_demo
 from lukv_compile.tools.cli_args import compression_arg, load_model_arg, non_negative_int, positive_int, positive_ints
+from lukv_compile.tools.compress_command import add_compress
 
 DTYPES = ("float32", "bfloat16")
 CURVES_SUFFIX = ".curves.npz"
@@ -270,7 +272,7 @@ def run_inspect(args) -> None:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = (add_profile, add_solve, add_inspect, eval_command.add_parser, add_demo, add_bench)
+COMMANDS = (add_profile, add_solve, add_inspect, eval_command.add_parser, add_demo, add_bench, add_compress)
 
 
 def build_parser() -> argparse.ArgumentParser:
