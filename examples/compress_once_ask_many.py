@@ -29,12 +29,11 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--context", type=int, default=1024, help="document length in tokens")
 parser.add_argument("--compression", type=float, default=0.8, help="fraction of the document's KV removed")
 parser.add_argument("--inner", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
-parser.add_argument("--seed", type=int, default=0, help="which document")
 args = parser.parse_args()
 
 model, tokenizer = load_model("smollm2")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-rng = random.Random(args.seed)
+rng = random.Random(0)
 # (who, where): four people and the cities they live in
 facts = list(zip(["Alice", "Bruno", "Chiara", "Dmitri"], rng.sample(["Lisbon", "Oslo", "Quito", "Nairobi", "Hanoi",
                                                                     "Lima"], 4), strict=True))
