@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from buffer_models import gfs, run_chunks, step_inputs, tiny
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_masked_simulation import kept_mask
 from torch._dynamo.utils import counters
 
 import lukv_compile
 from lukv_compile import LUKVCacheError
+from lukv_compile.testing.simulation import kept_mask
 
 PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -120,7 +120,7 @@ def test_compressed_equals_masked_simulation(monkeypatch):
     pads = torch.tensor([0, 9])  # the second row left-padded (torchtune's convention)
     got = run_chunks(compiled, prompt, [80], 6, MAX_SEQ, pads)
     cache = lukv_compile.buffer_cache(compiled)
-    kept = kept_mask(cache, 2, MAX_SEQ)
+    kept = {i: kept_mask(layer, 2, MAX_SEQ) for i, layer in enumerate(cache.layers)}
     held = sum(int(m[:, :, :80].sum()) for m in kept.values())
     assert held < 0.3 * 4 * 2 * 2 * 80  # really compressed: about 20% of the prompt kept (more by some heads)
     assert gfs.dense_kv_bytes(model) == 0  # the model's own buffers hold nothing: the ragged cache holds the tokens

@@ -1,4 +1,4 @@
-"""Masked simulation == real eviction.
+"""Masked simulation == real eviction (lukv_compile.testing.simulation, the users' CI property too).
 
 A dense attention over the full-length cache that masks exactly the tokens each KV head evicted gives
 the same logits as LU-KV's ragged cache with the same budgets: the proof that the ragged path is right
@@ -9,44 +9,11 @@ import pytest
 import torch
 from tiny_models import left_padded_batch, tiny_model
 from torch._dynamo.utils import counters
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache
 
 from lukv_compile import LUKVCache, full_cache_nbytes
 from lukv_compile.profile import Profile
-
-KEPT: dict[int, torch.Tensor] = {}  # layer -> [B, H_kv, total_len] bool: token still in that head's cache
-
-
-def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense eager attention; after the prompt it also masks the tokens the LU-KV cache evicted, per KV head."""
-    b, hq, q_len, d = query.shape
-    group = hq // key.shape[1]
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    logits = query @ key.transpose(-1, -2) * (scaling or d**-0.5)
-    visible = torch.ones(b, 1, q_len, key.shape[2], dtype=torch.bool).tril(key.shape[2] - q_len)
-    if attention_mask is not None:
-        visible = visible & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
-    if key.shape[2] > q_len and module.layer_idx in KEPT:  # every forward after the prompt's
-        kept = KEPT[module.layer_idx][:, :, : key.shape[2]].repeat_interleave(group, dim=1)
-        visible = visible & kept[:, :, None, :]
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # padding rows see nothing
-    return (probs @ value).transpose(1, 2).contiguous(), probs
-
-
-AttentionInterface.register("lukv_masked_simulation", masked_attention)
-AttentionMaskInterface.register("lukv_masked_simulation", sdpa_mask)  # boolean 4-D padding + causal masks
-
-
-def kept_mask(cache: LUKVCache, batch: int, total: int) -> dict[int, torch.Tensor]:
-    masks = {}
-    for i, layer in enumerate(cache.layers):
-        mask = torch.zeros(batch, cache.num_kv_heads, total, dtype=torch.bool)
-        for b, row in enumerate(layer.kept_positions()):
-            for h, positions in enumerate(row):
-                mask[b, h, positions.long()] = True
-        masks[i] = mask
-    return masks
+from lukv_compile.testing import masked_reference
 
 
 def skewed_profile(scorer: str, layers: int = 2) -> Profile:
@@ -93,10 +60,8 @@ def assert_ragged_equals_masked(compiled, layers, policy, scorer, compression):
     total = ragged_tokens.shape[1]
     assert cache.nbytes() < full_cache_nbytes(config, 2, total, torch.float32)
 
-    KEPT.clear()
-    KEPT.update(kept_mask(cache, 2, total))
-    reference = tiny_model("llama", layers=layers, q_heads=4, kv_heads=2, head_dim=16, seed=3)
-    reference.set_attn_implementation("lukv_masked_simulation")
+    reference = masked_reference(tiny_model("llama", layers=layers, q_heads=4, kv_heads=2, head_dim=16, seed=3),
+                                 cache, total)
     dense_logits, dense_tokens = two_turns(reference, ids, mask)
     torch.testing.assert_close(ragged_logits, dense_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(ragged_tokens, dense_tokens)

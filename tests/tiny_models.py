@@ -1,4 +1,5 @@
-"""Tiny random transformers models for tests (no weights, no network)."""
+"""Tiny random transformers models for tests (no weights, no network); the comparisons they are tested with are
+lukv_compile.testing's, the ones users' CI runs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+)
+
+from lukv_compile.testing.generation import (  # noqa: F401  (the tests import them from here)
+    assert_same_conversation,
+    assert_same_generation,
+    conversation,
+    generate_logits,
+    left_padded_batch,
 )
 
 FAMILIES = {
@@ -45,17 +54,6 @@ def tiny_gemma3(seed: int = 0):
                               max_position_embeddings=1024, attn_implementation="sdpa")
     torch.manual_seed(seed)
     return Gemma3ForCausalLM(config).eval()
-
-
-def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 0):
-    """input_ids and attention_mask for rows of the given real lengths, left-padded to the longest."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), width), generator=g)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 class PlainAttentionModel(torch.nn.Module):
@@ -96,38 +94,3 @@ class PlainAttentionModel(torch.nn.Module):
             k, v = cache.update(k, v, i)
             x = x + self.attention(q, k, v, t).transpose(1, 2).reshape(b, t, -1)
         return self.out(x)
-
-
-def generate_logits(model, ids, mask, steps, **kwargs):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences, torch.stack(out.logits, dim=1), out
-
-
-def assert_same_generation(got, want):
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
-    assert torch.equal(got[0], want[0])
-
-
-def conversation(model, cache, lengths=(30,), turns=((11, 4), (7, 3), (19, 5))):
-    """Three turns on one cache, transformers' idiom: each generate gets the whole history and its mask."""
-    ids, mask = left_padded_batch(list(lengths))
-    generations = []
-    for seed, (new_tokens, steps) in enumerate(turns):
-        generations.append(generate_logits(model, ids, mask, steps, cache=cache))
-        said = torch.randint(1, 128, (len(lengths), new_tokens), generator=torch.Generator().manual_seed(seed))
-        ids = torch.cat([generations[-1][0], said], dim=1)
-        mask = torch.cat([mask, torch.ones_like(ids[:, mask.shape[1]:])], dim=1)
-    return generations
-
-
-def assert_same_conversation(compiled, reference, lengths=(30,), turns=((11, 4), (7, 3), (19, 5)), **lukv):
-    """`conversation` through `compiled` on a compression-0 LUKVCache equals it on eager DynamicCache."""
-    from transformers import DynamicCache
-
-    from lukv_compile import LUKVCache
-
-    got = conversation(compiled, LUKVCache(reference.config, compression=0.0, **lukv), lengths, turns)
-    want = conversation(reference, DynamicCache(config=reference.config), lengths, turns)
-    for got_turn, want_turn in zip(got, want, strict=True):
-        assert_same_generation(got_turn, want_turn)

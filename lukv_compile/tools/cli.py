@@ -1,4 +1,5 @@
-"""The `lukv` command line: profile a model, re-solve saved curves, inspect a profile, compress a document.
+"""The `lukv` command line: profile a model, re-solve saved curves, inspect a profile, compress a document,
+check a model's properties.
 
 One `add_<command>` function per subcommand registers its arguments and handler; add new
 subcommands by writing one and listing it in COMMANDS.
@@ -9,6 +10,7 @@ subcommands by writing one and listing it in COMMANDS.
     lukv solve p-snapkv.curves.npz --out p-layer.safetensors --scope layer
     lukv inspect p-snapkv.safetensors --compression 0.8 --png keep.png
     lukv compress doc.txt --model smollm2 --out doc.lukv
+    lukv check smollm2 --profile lukv_compile/profiles/smollm2-135m-instruct-keydiff.safetensors
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, ch
 from lukv_compile.profiling.reconstruction import POOL, PROFILE_POOL, PROMPT_FORMATS, check_pool
 from lukv_compile.tools import eval_command
 from lukv_compile.tools.bench import add_bench, add_demo
+from lukv_compile.tools.check_command import add_check
 from lukv_compile.tools.cli_args import compression_arg, load_model_arg, non_negative_int, positive_int, positive_ints
 from lukv_compile.tools.compress_command import add_compress
 
@@ -272,7 +275,8 @@ def run_inspect(args) -> None:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = (add_profile, add_solve, add_inspect, eval_command.add_parser, add_demo, add_bench, add_compress)
+COMMANDS = (add_profile, add_solve, add_inspect, eval_command.add_parser, add_demo, add_bench, add_compress,
+            add_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
