@@ -78,6 +78,15 @@ def test_the_plugin_catches_a_broken_runtime(pytester, tiny_folder, conftest, br
     result.stdout.fnmatch_lines([f"*lukv property {broken} failed:*", "*lengths=*"])  # the minimal inputs
 
 
+def test_a_moved_touch_point_fails_before_any_model_runs(pytester, tiny_folder):
+    """An upgrade that moves a private API lukv relies on: the canary names it, the model properties are skipped."""
+    pytester.makeconftest("import transformers.modeling_layers as layers\n\ndel layers.GradientCheckpointingLayer\n")
+    result = pytester.runpytest_subprocess("--lukv-model", str(tiny_folder), *QUICK)
+    result.assert_outcomes(failed=1, skipped=len(PROPERTIES) - 1)
+    result.stdout.fnmatch_lines(["*lukv property touch_points failed:*",
+                                 "*transformers.modeling_layers.GradientCheckpointingLayer broke under torch*"])
+
+
 def test_the_plugin_catches_a_profile_for_another_model(pytester, tiny_folder, other_model_profile):
     result = pytester.runpytest_subprocess("--lukv-model", str(tiny_folder), "--lukv-profile",
                                            str(other_model_profile), *QUICK, "-k", "profile_match")

@@ -136,6 +136,11 @@ def _as_batch(ids: torch.Tensor, name: str) -> torch.Tensor:
     return ids.long()
 
 
+# Queries per block of `decode_importance`: a reconstruction pass repeats the whole context in one forward, and
+# its [Hq, queries, S] attention at once would hold gigabytes per layer at 8k (SmolLM2: 9 x 8k x 16k fp32).
+QUERY_BLOCK = 512
+
+
 def decode_importance(importance: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                       value_weights: torch.Tensor, scaling: float) -> None:
     """importance [H_kv, P] = max(importance, A * n) over the chunk's queries and each KV head's GQA group.
@@ -147,12 +152,14 @@ def decode_importance(importance: torch.Tensor, query: torch.Tensor, key: torch.
     hq, c, h_kv = query.shape[1], query.shape[2], key.shape[1]
     s, p = key.shape[2], importance.shape[-1]
     keys = key[0].float().repeat_interleave(hq // h_kv, dim=0)  # [Hq, S, D]
-    logits = torch.einsum("hcd,hsd->hcs", query[0].float(), keys) * scaling
-    if c > 1:
-        last_seen = s - c + torch.arange(c, device=query.device)
-        logits.masked_fill_(torch.arange(s, device=query.device)[None, :] > last_seen[:, None], float("-inf"))
-    weighted = logits.softmax(dim=-1)[..., :p] * value_weights[:, None, :]  # [Hq, c, P]
-    torch.maximum(importance, weighted.amax(dim=1).view(h_kv, -1, p).amax(dim=1), out=importance)
+    for first in range(0, c, QUERY_BLOCK):  # rows are independent: a block at a time bounds the memory
+        queries = query[0, :, first:first + QUERY_BLOCK].float()
+        logits = torch.einsum("hcd,hsd->hcs", queries, keys) * scaling
+        if c > 1:
+            last_seen = s - c + first + torch.arange(queries.shape[1], device=query.device)
+            logits.masked_fill_(torch.arange(s, device=query.device)[None, :] > last_seen[:, None], float("-inf"))
+        weighted = logits.softmax(dim=-1)[..., :p] * value_weights[:, None, :]  # [Hq, block, P]
+        torch.maximum(importance, weighted.amax(dim=1).view(h_kv, -1, p).amax(dim=1), out=importance)
 
 
 def utility_hook(importance: torch.Tensor, record: PrefillRecord) -> Callable:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# Logit tolerance of "exact" per model dtype. The compiled model runs inductor's fused kernels, whose float sums go
+# in another order than eager's: on SmolLM2 (30 layers, fp32) logits then differ by up to ~5e-4 from the plain
+# model's with the same greedy tokens (a wrong token, mask or position moves them by far more).
+TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-6, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 0, pad_token_id: int = 0):
