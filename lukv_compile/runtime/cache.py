@@ -35,6 +35,7 @@ from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, P
 from lukv_compile.runtime import registry
 from lukv_compile.runtime.errors import LUKVCacheError
 from lukv_compile.runtime.layer import FILL_BY_RECONSTRUCTION, RaggedLayer
+from lukv_compile.runtime.sharding import HeadShard, kv_head_shard, report_balance
 from lukv_compile.settings import LUKVSettings
 
 
@@ -67,6 +68,7 @@ class LUKVCache(Cache):
         self.model = None  # weakref to the model this cache last served (meet_model)
         self.weights = ""  # weights fingerprint of the model that made a loaded cache's K/V ("" = not loaded)
         self.token_ids: torch.Tensor | None = None  # the tokens a loaded cache has seen, when the file has them
+        self.shard: HeadShard | None = None  # this process's KV heads under tensor parallelism (take_shard)
         self.num_kv_heads, self.head_dim = self.shape[1:]
         self.warned: set[str] = set()  # what this cache has said once (RaggedLayer.warn_if_kept_whole)
         self.checked_masks: dict = {}  # the mask of the forward in progress, checked (RaggedLayer.real_counts)
@@ -118,6 +120,25 @@ class LUKVCache(Cache):
                                  "and values would be wrong for this model. Load it with allow_other_model=True to "
                                  "use it anyway")
         self.model = weakref.ref(model)
+        self.take_shard(kv_head_shard(model, self.shape[1], self.head_dim))
+
+    def take_shard(self, shard: HeadShard | None) -> None:
+        """Hold only the KV heads this process computes under tensor parallelism (runtime/sharding.py)."""
+        if shard == self.shard:
+            return
+        if any(isinstance(layer, RaggedLayer) and layer.store is not None for layer in self.layers):
+            raise LUKVCacheError("this LUKVCache holds tokens for other KV heads than this tensor-parallel model's "
+                                 "rank computes: build a new cache for it")
+        if shard is not None and self.settings.policy == "adakv":
+            raise ValueError("lukv option policy='adakv' splits each layer's budget across all its heads at run "
+                             "time, which no rank of a tensor-parallel model sees; use policy='lukv'")
+        self.shard = shard
+        self.num_kv_heads = self.shape[1] if shard is None else shard.stop - shard.start
+        for layer in self.layers:
+            if isinstance(layer, RaggedLayer):
+                layer.kv_heads, layer.heads = self.num_kv_heads, slice(None) if shard is None else shard.heads
+        if shard is not None:
+            report_balance(self.profile, self.settings.compression, shard)
 
     def save(self, path: str | Path, token_ids: torch.Tensor | None = None) -> None:
         """Write the kept K/V, positions, counters, policy and model identity to `path` (safetensors).
@@ -164,6 +185,7 @@ class LUKVCache(Cache):
         rows = np.zeros(batch, dtype=np.int64) if batch is not None else np.arange(held or 0)
         fork = LUKVCache(self.config, self.settings)
         fork.model, fork.weights = self.model, self.weights
+        fork.take_shard(self.shard)
         fork.token_ids = None if self.token_ids is None else self.token_ids[torch.as_tensor(rows)]
         for i, mine in enumerate(self.layers):
             if isinstance(mine, RaggedLayer):

@@ -78,6 +78,7 @@ class RaggedLayer(CacheLayerMixin):
         self.checked_reads = cache.checked_reads
         self.kv_heads, self.head_dim, self.warned = cache.num_kv_heads, cache.head_dim, cache.warned
         self.handle, self.layer_idx = cache.handle, layer_idx
+        self.heads = slice(None)  # which of the profile's KV heads this layer holds (tensor parallel: a block)
         self.chunk_masks = False  # set while a prepared call runs (LUKVCache.masks_over_chunk)
         self.rope = cache.ropes[layer_idx]  # what scorers that need RoPE (expected_attention) read
         self.store: RaggedStore | None = None
@@ -125,7 +126,8 @@ class RaggedLayer(CacheLayerMixin):
     def budget(self, real_tokens: np.ndarray) -> np.ndarray:
         """Keep counts [B, H] of this layer for contexts of `real_tokens` [B] tokens."""
         protected = self.profile.sink + self.profile.window
-        return keep_counts(self.profile, self.settings.compression, real_tokens, protected)[:, self.layer_idx]
+        counts = keep_counts(self.profile, self.settings.compression, real_tokens, protected)[:, self.layer_idx]
+        return counts[:, self.heads]  # every head's under tensor parallelism too: the budgets of one process
 
     def due_budget(self, was_empty: bool, chunk: int, length: np.ndarray, real_tokens: np.ndarray) -> np.ndarray | None:
         """The keep counts [B, H] to compress heads holding `length` tokens to after this chunk, or None."""

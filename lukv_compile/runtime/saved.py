@@ -62,6 +62,7 @@ def save_cache(cache: Cache, path: Path, token_ids: torch.Tensor | None) -> None
         "weights": weights_fingerprint(model), "kv_shape": list(cache.shape), "kinds": list(cache.kinds),
         "settings": {name: getattr(cache.settings, name) for name in SAVED_SETTINGS},
         "profile": cache.profile.metadata(), "layers": layers, "checksum": checksum(tensors),
+        "shard": None if cache.shard is None else [cache.shard.start, cache.shard.stop, cache.shard.total],
     }
     from safetensors.torch import save_file
 
@@ -142,14 +143,24 @@ def load_cache(cache_class: type[Cache], path: Path, model, allow_other_model: b
             raise LUKVCacheError(f"{path}: saved with layer kinds {header['kinds']}, this model's are {cache.kinds}")
         if device is None:
             device = next(module.parameters()).device if module is not None else "cpu"
+        cache.weights = "" if allow_other_model else header["weights"]
+        if module is not None:
+            cache.meet_model(module)  # other weights refused now, not at the first forward; its KV heads taken
+        check_shard(path, header.get("shard"), cache)
         fill_layers(path, cache, header["layers"], tensors, torch.device(device))
     except (KeyError, TypeError) as e:
         raise LUKVCacheError(f"{path}: its metadata or tensors are incomplete ({type(e).__name__}: {e})") from e
-    cache.weights = "" if allow_other_model else header["weights"]
     cache.token_ids = tensors.get("token_ids")
-    if module is not None:
-        cache.meet_model(module)  # other weights refused now, not at the first forward
     return cache
+
+
+def check_shard(path: Path, saved: list[int] | None, cache: Cache) -> None:
+    """A tensor-parallel rank's file holds that rank's KV heads: it loads only on a rank holding the same ones."""
+    here = None if cache.shard is None else [cache.shard.start, cache.shard.stop, cache.shard.total]
+    if saved != here:
+        raise LUKVCacheError(f"{path}: saved with KV heads {saved or 'all'} (start, stop, of), but this model "
+                             f"{'is not tensor-parallel' if here is None else f'holds {here} here'}; load each "
+                             "rank's file on the rank that saved it (and a config alone cannot tell: pass the model)")
 
 
 def fill_layers(path: Path, cache: Cache, layers: list[dict], tensors: dict[str, torch.Tensor],
