@@ -55,3 +55,26 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert got["kept"] == [[row[start:stop] for row in layer] for layer in want["kept"]], name
     held = [rank["0.8"]["nbytes"] for rank in ranks]
     assert held[1] > 1.5 * held[0]  # the unbalanced profile: rank 1 holds the heads that keep more
+
+
+SPLIT_HEADS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto", attn_implementation="sdpa").eval()
+compiled = torch.compile(model, backend="lukv", options={"inner": "aot_eager"})
+try:
+    compiled.generate(torch.arange(1, 50)[None], max_new_tokens=2)
+except ValueError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.slow
+def test_more_ranks_than_kv_heads_is_refused_before_work(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    tiny_model("llama", layers=2, q_heads=4, kv_heads=1, head_dim=16).save_pretrained(tmp_path / "model")
+    (tmp_path / "split.py").write_text(SPLIT_HEADS)
+    run = subprocess.run([torchrun, "--nproc-per-node", "2", str(tmp_path / "split.py"), str(tmp_path / "model")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("refused: lukv: this tensor-parallel model splits its 1 KV head(s) across 2 ranks") == 2

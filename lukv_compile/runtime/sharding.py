@@ -36,8 +36,8 @@ class HeadShard:
 def kv_head_shard(model: torch.nn.Module, kv_heads: int, head_dim: int) -> HeadShard | None:
     """This process's KV heads when `model` is tensor-parallel (see module docstring), else None.
 
-    Raises ValueError for a layout lukv cannot serve: KV heads replicated on every rank (more ranks than KV heads)
-    or sharded other than by whole heads in rows.
+    Raises ValueError for a layout lukv cannot serve: KV heads replicated on every rank or split across ranks (more
+    ranks than KV heads), or sharded other than by whole heads in rows.
     """
     weight = next((m.k_proj.weight for m in model.modules() if isinstance(getattr(m, "k_proj", None),
                                                                            torch.nn.Linear)), None)
@@ -54,7 +54,11 @@ def kv_head_shard(model: torch.nn.Module, kv_heads: int, head_dim: int) -> HeadS
                          f"at most {kv_heads} ranks")
     rows = weight.to_local().shape[0]
     sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0]
-    if len(sharded) != 1 or rows % head_dim or weight.shape[0] != kv_heads * head_dim:
+    if len(sharded) == 1 and rows % head_dim:
+        raise ValueError(f"lukv: this tensor-parallel model splits its {kv_heads} KV head(s) across "
+                         f"{mesh.size(sharded[0])} ranks ({rows} of each head's {head_dim} dims per rank: more ranks "
+                         f"than KV heads); lukv keeps each KV head whole on one rank: use at most {kv_heads} ranks")
+    if len(sharded) != 1 or weight.shape[0] != kv_heads * head_dim:
         raise ValueError(f"lukv: this tensor-parallel model shards k_proj as {placements} over {mesh}; lukv serves "
                          "KV heads split by rows over one mesh dimension (transformers' tp_plan='auto')")
     local = rows // head_dim
