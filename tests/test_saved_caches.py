@@ -239,8 +239,7 @@ def test_attention_over_a_shared_prefix_equals_the_unshared_store(lengths, rows,
         shared = fork.shared()
         got = segment_attention(q, fork.keys, fork.values, fork.start, fork.length, counts, 0.3,
                                 (shared.keys, shared.values, shared.start, shared.length))
-        whole = RaggedStore(rows, 2, 8, torch.float32, torch.device("cpu"))
-        whole._layout([shared, fork.own()], fork.held)
+        whole = fork.packed()  # the same tokens, one segment per head, no prefix
         want = segment_attention(q, whole.keys, whole.values, whole.start, whole.length, counts, 0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert np.array_equal(store.held, np.array([lengths]))  # the original is untouched by its fork's appends

@@ -39,7 +39,7 @@ from lukv_compile.policy import scorers  # noqa: E402
 from lukv_compile.policy.eviction import Candidates, score_candidates  # noqa: E402
 from lukv_compile.policy.scorers import ScoreInputs, snapkv  # noqa: E402
 from lukv_compile.policy.selection import select_tokens  # noqa: E402
-from lukv_compile.runtime.storage import RaggedStore  # noqa: E402
+from lukv_compile.runtime.storage import RaggedStore, Segments  # noqa: E402
 
 
 @triton.jit
@@ -99,7 +99,7 @@ def ragged_store(lengths: np.ndarray, head_dim: int, dtype: torch.dtype, seed: i
     return store
 
 
-def truth(q: torch.Tensor, store: RaggedStore, scale: float) -> torch.Tensor:
+def truth(q: torch.Tensor, store: RaggedStore | Segments, scale: float) -> torch.Tensor:
     """fp32 segment attention on CPU from the same (already rounded) inputs; only the kernel rounds its output."""
     ones = np.ones(q.shape[0], dtype=np.int64)
     return segment_attention(q.float().cpu(), store.keys.float().cpu(), store.values.float().cpu(), store.start,
@@ -138,13 +138,6 @@ def test_decode_after_decode_appends(num_splits):
         torch.testing.assert_close(out.cpu(), truth(q, store, 0.2), **TOLERANCE[torch.float32])
 
 
-def unshared(store: RaggedStore) -> RaggedStore:
-    """A copy of a forked store holding every token in its own storage (what the kernels must match)."""
-    copy = RaggedStore(store.batch, store.heads, store.head_dim, store.keys.dtype, store.device)
-    copy._layout([store.shared(), store.own()], store.held)
-    return copy
-
-
 @EXAMPLES
 @given(st.integers(1, 3), st.integers(1, 2), gqa_group, st.sampled_from(DTYPES), st.sampled_from([None, 1, 3]),
        st.integers(1, 3), st.data())
@@ -162,7 +155,8 @@ def test_decode_over_a_shared_prefix_matches_the_unshared_store(rows, h, group, 
     prefix = (fork.prefix.keys, fork.prefix.values, *fork.prefix_device_metadata())
     out = triton_decode_attention(q, fork.keys, fork.values, *fork.device_metadata(), 0.2, num_splits=num_splits,
                                   prefix=prefix)
-    torch.testing.assert_close(out.float().cpu(), truth(q, unshared(fork), 0.2), **TOLERANCE[dtype])
+    # against the same tokens packed in one segment per head, no prefix
+    torch.testing.assert_close(out.float().cpu(), truth(q, fork.packed(), 0.2), **TOLERANCE[dtype])
 
 
 def test_decode_rejects_bad_inputs():

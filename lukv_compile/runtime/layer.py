@@ -251,9 +251,8 @@ class RaggedLayer(CacheLayerMixin):
         return segment_attention(q, store.keys, store.values, store.start, store.length, counts, scale, prefix)
 
     def fork_into(self, fork: RaggedLayer, rows: np.ndarray) -> None:
-        """Make `fork` (a layer of another cache) continue from this layer's rows `rows`, sharing its tokens."""
-        if self.store is not None:
-            fork.store = self.store.fork_rows(rows)
+        """Make `fork` (a layer of another cache) continue from this filled layer's rows `rows`, sharing its tokens."""
+        fork.store = self.store.fork_rows(rows)
         fork.seen, fork.real_tokens = self.seen, self.real_tokens[rows]
 
     # ---- inspection

@@ -9,6 +9,7 @@ profile's budgets (computed over every head, then sliced: the same budgets as in
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,12 +42,11 @@ def kv_head_shard(model: torch.nn.Module, kv_heads: int, head_dim: int) -> HeadS
     """
     weight = next((m.k_proj.weight for m in model.modules() if isinstance(getattr(m, "k_proj", None),
                                                                            torch.nn.Linear)), None)
-    if weight is None or not torch.distributed.is_available():
+    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported here: no model of it can be sharded
+    if weight is None or dtensor is None or not isinstance(weight, dtensor.DTensor):
         return None
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
-    if not isinstance(weight, DTensor):
-        return None
     mesh, placements = weight.device_mesh, weight.placements
     if all(isinstance(p, Replicate) for p in placements):
         raise ValueError(f"lukv: this tensor-parallel model replicates its {kv_heads} KV heads on every rank (more "

@@ -74,10 +74,8 @@ class RaggedStore:
         self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(0, head_dim, dtype=dtype, device=device)
         self.positions = torch.empty(0, dtype=torch.int32, device=device)
-        self.prefix: SharedPrefix | None = None
-        self.prefix_start = np.zeros((batch, heads), dtype=np.int64)
-        self.prefix_length = np.zeros((batch, heads), dtype=np.int64)
         self._device_metadata = None
+        self.share(None, np.zeros((batch, heads), dtype=np.int64), np.zeros((batch, heads), dtype=np.int64))
 
     @classmethod
     def from_packed(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -121,22 +119,29 @@ class RaggedStore:
     def metadata_nbytes(self) -> int:
         return self.start.nbytes * 5  # start, length, cap and the prefix's start, length
 
+    def share(self, prefix: SharedPrefix | None, start: np.ndarray, length: np.ndarray) -> None:
+        """Read `prefix`'s segments start/length [B, H] before each head's own tokens (None, zeros: no prefix)."""
+        self.prefix, self.prefix_start, self.prefix_length = prefix, start, length
+        self._prefix_device_metadata = None
+
     def device_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, length) as int64 tensors on the storage's device, for the GPU kernels."""
         if self._device_metadata is None:
-            self._device_metadata = tuple(torch.as_tensor(a, device=self.device) for a in
-                                          (self.start, self.length, self.prefix_start, self.prefix_length))
-        return self._device_metadata[:2]
+            self._device_metadata = (torch.as_tensor(self.start, device=self.device),
+                                     torch.as_tensor(self.length, device=self.device))
+        return self._device_metadata
 
     def prefix_device_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start, length) of the shared prefix's segments as device tensors."""
-        self.device_metadata()
-        return self._device_metadata[2:]
+        """(start, length) of the shared prefix's segments as device tensors (uploaded once per fork, not per
+        decode step: appending changes only the own segments)."""
+        if self._prefix_device_metadata is None:
+            self._prefix_device_metadata = (torch.as_tensor(self.prefix_start, device=self.device),
+                                            torch.as_tensor(self.prefix_length, device=self.device))
+        return self._prefix_device_metadata
 
     def head_positions(self, b: int, h: int) -> torch.Tensor:
-        parts = [part.positions[s:s + n] for part in filter(None, (self.shared(), self.own()))
-                 for s, n in [(int(part.start[b, h]), int(part.length[b, h]))]]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return torch.cat([part.positions[int(part.start[b, h]):int(part.start[b, h] + part.length[b, h])]
+                          for part in (self.shared(), self.own()) if part is not None])
 
     def _layout(self, sources: list[Segments], cap: np.ndarray) -> None:
         """Lay the heads out afresh with capacities `cap` [B, H], each holding its tokens from `sources` in order.
@@ -168,14 +173,13 @@ class RaggedStore:
             return
         held = self.held
         self._layout([self.shared(), self.own()], held + room_for(held))
-        self.prefix = None
-        self.prefix_start, self.prefix_length = np.zeros_like(self.start), np.zeros_like(self.length)
+        self.share(None, np.zeros_like(self.start), np.zeros_like(self.length))
 
     def packed(self) -> Segments:
         """Every head's tokens in order, head after head (b-major) with no free slots: what a file holds."""
-        copy = RaggedStore(self.batch, self.heads, self.head_dim, self.keys.dtype, self.device)
-        copy._layout([part for part in (self.shared(), self.own()) if part is not None], self.held)
-        return copy.own()
+        flat = RaggedStore(self.batch, self.heads, self.head_dim, self.keys.dtype, self.device)
+        flat._layout([part for part in (self.shared(), self.own()) if part is not None], self.held)
+        return flat.own()
 
     def fork_rows(self, rows: np.ndarray) -> RaggedStore:
         """A store whose row i continues from this store's row rows[i], sharing its tokens (neither writes them).
@@ -185,12 +189,10 @@ class RaggedStore:
             held = self.held
             if self.prefix is not None:
                 self.unshare()
-            self.prefix = SharedPrefix(self.keys, self.values, self.positions)
-            self.prefix_start, self.prefix_length = self.start, held
+            self.share(SharedPrefix(self.keys, self.values, self.positions), self.start, held)
             self._layout([], np.zeros_like(held))  # own storage empty: it grows afresh as tokens arrive
         fork = RaggedStore(len(rows), self.heads, self.head_dim, self.keys.dtype, self.device)
-        fork.prefix = self.prefix
-        fork.prefix_start, fork.prefix_length = self.prefix_start[rows], self.prefix_length[rows]
+        fork.share(self.prefix, self.prefix_start[rows], self.prefix_length[rows])
         return fork
 
     def append(self, k: torch.Tensor, v: torch.Tensor, counts: np.ndarray, first_position: int) -> None:
@@ -277,4 +279,4 @@ class RaggedStore:
         length = self.length[rows]
         self._layout([Segments(self.keys, self.values, self.positions, self.start[rows], length)],
                      length + room_for(length))
-        self.prefix_start, self.prefix_length = self.prefix_start[rows], self.prefix_length[rows]
+        self.share(self.prefix, self.prefix_start[rows], self.prefix_length[rows])

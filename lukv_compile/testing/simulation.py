@@ -61,6 +61,9 @@ def masked_reference(model: torch.nn.Module, cache: LUKVCache, total: int) -> to
     batch = next(layer.store.batch for layer in cache.layers if isinstance(layer, RaggedLayer) and layer.store)
     attentions = {m.layer_idx: m for m in reference.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")}
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, RaggedLayer) and i in attentions:
+        if isinstance(layer, RaggedLayer):
+            if i not in attentions:  # unmasked, the reference would silently differ from what the cache computes
+                raise ValueError(f"masked_reference: found no attention module (with layer_idx and o_proj) for "
+                                 f"layer {i} of this {type(model).__name__}")
             attentions[i].lukv_kept = kept_mask(layer, batch, total).to(next(model.parameters()).device)
     return reference
