@@ -1,17 +1,17 @@
-"""RULER-style tasks: determinism, token lengths, answers in context, scoring, input errors."""
+"""RULER-style tasks: determinism, token lengths, answers in context, haystacks, scoring, input errors."""
 
+import hashlib
 import importlib.util
 import re
 from collections import Counter
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from lukv_compile.data import HAYSTACKS, haystack_text
 from lukv_compile.eval.tasks import MAX_NEW_TOKENS, PREAMBLES, TASKS, TOLERANCE, Sample, make_samples, score
-
-NEEDLE_TASKS = [t for t in TASKS if t != "common_words"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def test_same_seed_gives_identical_samples(tokenizer, task):
 
 @settings(max_examples=40, deadline=None)
 @given(task=st.sampled_from(TASKS), context_tokens=st.integers(200, 3000), seed=st.integers(0, 10_000))
+@example(task="common_words", context_tokens=200, seed=1109)  # drew "answer", echoed by the prefix's "Answer:"
 def test_context_length_within_tolerance_and_answers_present(tokenizer, task, context_tokens, seed):
     (sample,) = make_samples(task, tokenizer, context_tokens, n=1, seed=seed)
     assert abs(n_tokens(tokenizer, sample.context) - context_tokens) <= TOLERANCE * context_tokens
@@ -55,6 +56,46 @@ def test_common_words_are_exactly_the_most_frequent(tokenizer, context_tokens):
     others = [c for w, c in counts.items() if w not in sample.answers]
     assert len(sample.answers) == 10 and set(sample.answers) <= set(counts)
     assert least_common_answer > max(others)
+
+
+@pytest.mark.parametrize("context_tokens", [1024, 4096])
+def test_frequent_words_are_exactly_the_three_most_frequent(tokenizer, context_tokens):
+    (sample,) = make_samples("frequent_words", tokenizer, context_tokens, n=1, seed=3)
+    assert abs(n_tokens(tokenizer, sample.context) - context_tokens) <= TOLERANCE * context_tokens
+    preamble = PREAMBLES["frequent_words"]
+    counts = Counter(sample.context.removeprefix(preamble + "\n\n").split(" ")).most_common()
+    assert all(re.fullmatch("[a-z]{3,5}", word) for word, _ in counts)
+    assert [word for word, _ in counts[:3]] == sample.answers and counts[2][1] > counts[3][1]
+    assert score(sample, f"{preamble} {sample.question} {sample.answer_prefix}") == 0.0
+
+
+@pytest.mark.parametrize("haystack", HAYSTACKS)
+def test_each_haystack_hides_the_needle_in_its_own_text(tokenizer, haystack):
+    for sample in make_samples("niah_single", tokenizer, 1024, n=3, seed=6, haystack=haystack):
+        assert score(sample, sample.context) == 1.0
+        body = sample.context.removeprefix(PREAMBLES["niah"] + "\n\n")
+        filler = re.sub(r"One of the special magic numbers for \S+ is: \d+\. ?", "", body)
+        # One stretch of the haystack, which wraps around at its end.
+        assert filler in haystack_text(haystack) * 2
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if not t.startswith("niah")])
+def test_haystack_only_changes_the_niah_tasks(tokenizer, task):
+    assert make_samples(task, tokenizer, 500, n=1, haystack="legal") == make_samples(task, tokenizer, 500, n=1)
+
+
+# Computed before there was a choice of haystack: results already reported rest on these samples.
+@pytest.mark.parametrize(
+    "task, digest",
+    [
+        ("passkey", "0e81ac9b2b26502c4dc0c29e0c34ac308f8919d654f530a785baffec86fd3b00"),
+        ("niah_single", "64f9e88aa522c6aa712c893009d397544f8d4b97f4099ead760f794cc9175b79"),
+    ],
+)
+def test_default_samples_are_unchanged(tokenizer, task, digest):
+    (sample,) = make_samples(task, tokenizer, 1000, n=1, seed=0)
+    text = "\n".join([sample.context, sample.question, sample.answer_prefix, *sample.answers])
+    assert hashlib.sha256(text.encode()).hexdigest() == digest
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah_single"])
@@ -126,12 +167,18 @@ def test_unknown_task_is_rejected_with_the_allowed_names(tokenizer):
         ({"seed": -1}, "seed must be an int >= 0"),
         ({"context_tokens": 20, "task": "niah_multiquery"}, "too small for task 'niah_multiquery'"),
         ({"context_tokens": 500_000, "task": "common_words"}, "too large for task 'common_words'"),
+        ({"haystack": "novel"}, "unknown haystack 'novel'; allowed: persuasion, code, legal, chat"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tokenizer, kwargs, message):
     args = {"task": "passkey", "tokenizer": tokenizer, "context_tokens": 1000, "n": 1, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=re.escape(message)):
         make_samples(**args)
+
+
+def test_unknown_haystack_text_is_rejected_with_the_allowed_names():
+    with pytest.raises(ValueError, match="unknown haystack 'novel'; allowed: persuasion, code, legal, chat"):
+        haystack_text("novel")
 
 
 def test_tokenizer_without_encode_is_rejected():

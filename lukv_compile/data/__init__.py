@@ -1,4 +1,4 @@
-"""Public-domain text shipped with the package (see README.md in this folder for provenance)."""
+"""Text shipped with the package: public domain, or written for it (see README.md in this folder for provenance)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
+# Filler for the evaluation tasks, all disjoint from the calibration text: ~100 KB from Persuasion, then
+# ~2k words each of Python source, a licence agreement and a team chat, written for this project.
+HAYSTACKS = ("persuasion", "code", "legal", "chat")
 
 
 @cache
@@ -44,6 +47,8 @@ def read_questions(path: str | Path) -> list[str]:
 
 
 @cache
-def haystack_text() -> str:
-    """~100 KB from Persuasion, disjoint from the calibration text: filler for the evaluation tasks."""
-    return (DATA_DIR / "haystack_persuasion.txt").read_text()
+def haystack_text(name: str = "persuasion") -> str:
+    """The haystack text `name` (one of HAYSTACKS). Raises ValueError naming the allowed ones."""
+    if name not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {name!r}; allowed: {', '.join(HAYSTACKS)}")
+    return (DATA_DIR / f"haystack_{name}.txt").read_text()

@@ -6,12 +6,18 @@ sized in tokens of the tokenizer passed in: within +-5% of `context_tokens` (in 
 
 Tasks (after RULER, Hsieh et al. 2024):
 - passkey: a 5-digit pass key hidden in repeated noise sentences.
-- niah_single: one "special magic number" for a key, hidden in Austen's Persuasion.
+- niah_single: one "special magic number" for a key, hidden in a haystack text (Austen's Persuasion by default).
 - niah_multikey: four needles with different keys; one is asked for (the others are distractors).
 - niah_multivalue: four numbers for the same key; all are asked for.
 - niah_multiquery: four keys; all four numbers are asked for.
 - variable_tracking: a chain VAR A = 12345, VAR B = VAR A, ... in noise; all names holding the value.
 - common_words: a numbered word list; the 10 words repeated most often.
+- frequent_words: random "coded words" whose counts follow Zipf's law; the 3 most frequent.
+
+The niah_* tasks take their haystack from `lukv_compile.data.HAYSTACKS`: Persuasion (the default), Python source
+code, a software licence agreement or a team chat log, all disjoint from the calibration text (Northanger Abbey), so
+results can also be reported on text unlike it. The last three are ~2k words each: long contexts repeat them.
+passkey and variable_tracking always hide their needles in repeated noise sentences.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
+from math import isqrt
 from typing import Any, NamedTuple
 
-from lukv_compile.data import haystack_text
+from lukv_compile.data import HAYSTACKS, haystack_text
 
 TASKS = (
     "passkey",
@@ -36,6 +43,7 @@ TASKS = (
     "niah_multiquery",
     "variable_tracking",
     "common_words",
+    "frequent_words",
 )
 # Room for an answer that first restates the question (SmolLM2 does, unless the answer prefix is given).
 MAX_NEW_TOKENS = {
@@ -46,6 +54,7 @@ MAX_NEW_TOKENS = {
     "niah_multiquery": 96,
     "variable_tracking": 64,
     "common_words": 96,
+    "frequent_words": 48,
 }
 TOLERANCE = 0.05  # contexts are guaranteed within this fraction of the requested token count
 _FIT_TARGET = 0.01  # what the length search aims for, well inside TOLERANCE
@@ -53,6 +62,13 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 NUM_NEEDLES = 4
 VT_HOPS = 4
 CWE_NUM_COMMON = 10
+FWE_ALPHA = 2  # RULER's Zipf exponent: with `top` occurrences of the top word, rank r occurs top // r**2 times
+# From 18 occurrences of the top word on, ranks 1-4 occur strictly less often one after the other (16 and 17 tie
+# ranks 3 and 4), so the three most frequent words are unambiguous.
+FWE_MIN_TOP = 18
+# Needle keys and the common words come from this text whatever the haystack, so they stay ordinary English words
+# (and the samples made before there was a choice of haystack stay as they were).
+WORDS_HAYSTACK = "persuasion"
 # RULER's task instructions open the context, so they are compressed with it; small models ignore a
 # hidden needle without them (SmolLM2 answers "a magical key" instead of the number).
 PREAMBLES = {
@@ -63,6 +79,8 @@ PREAMBLES = {
     "variable_tracking": "Memorize and track the chain(s) of variable assignment hidden in the following text.",
     "common_words": "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.",
+    "frequent_words": "Read the following coded text and track the frequency of each coded word. "
+    "Find the three most frequently appeared coded words.",
 }
 
 
@@ -110,8 +128,8 @@ class _Filler:
 
 
 @cache
-def _haystack() -> _Filler:
-    return _Filler.from_text(haystack_text())
+def _haystack(name: str) -> _Filler:
+    return _Filler.from_text(haystack_text(name))
 
 
 @cache
@@ -120,9 +138,9 @@ def _noise() -> _Filler:
 
 
 @cache
-def _vocabulary() -> tuple[str, ...]:
-    """Plain lower-case English words (4+ letters, never capitalised) from the haystack text."""
-    text = haystack_text()
+def _vocabulary(name: str) -> tuple[str, ...]:
+    """Plain lower-case English words (4+ letters, never capitalised) from haystack text `name`."""
+    text = haystack_text(name)
     capitalised = {w.lower() for w in re.findall(r"\b[A-Z][a-z]+\b", text)}
     return tuple(sorted(set(re.findall(r"\b[a-z]{4,}\b", text)) - capitalised))
 
@@ -169,7 +187,7 @@ def _distinct(rng: random.Random, draw: Callable[[], Any], k: int) -> list:
 
 
 def _key(rng: random.Random) -> str:
-    vocab = _vocabulary()
+    vocab = _vocabulary(WORDS_HAYSTACK)
     return f"{rng.choice(vocab)}-{rng.choice(vocab)}"
 
 
@@ -246,8 +264,8 @@ def _with_preamble(preamble: str, render: Callable[[int], str]) -> Callable[[int
     return lambda n: f"{preamble}\n\n{render(n)}"
 
 
-def _needle_sample(task: str, rng: random.Random, depth: float, tokenizer: Any, target: int) -> Sample:
-    filler = _noise() if task in ("passkey", "variable_tracking") else _haystack()
+def _needle_sample(task: str, rng: random.Random, depth: float, tokenizer: Any, target: int, haystack: str) -> Sample:
+    filler = _noise() if task in ("passkey", "variable_tracking") else _haystack(haystack)
     needles, query = _needles_and_query(task, rng, depth)
     start = rng.choice(filler.sentence_starts)
     preamble = PREAMBLES["niah" if task.startswith("niah") else task]
@@ -262,10 +280,15 @@ def _common_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sam
         f"Answer: The top {CWE_NUM_COMMON} words that appear most often in the list are:",
         [],
     )
-    # A word of the question itself could be "found" in an output that only echoes the question.
-    vocab = [w for w in _vocabulary() if w not in re.findall(r"[a-z]+", query.question + query.answer_prefix)]
+    # A word of the question itself could be "found" in an output that only echoes the question. Matching ignores
+    # case, so the common words also skip words capitalised there ("Answer"); skipping them in `vocab` instead
+    # would reshuffle every sample made before.
+    asked = re.findall(r"[a-z]+", query.question + query.answer_prefix)
+    vocab = [w for w in _vocabulary(WORDS_HAYSTACK) if w not in asked]
     words = rng.sample(vocab, len(vocab))
-    common, rare = words[:CWE_NUM_COMMON], words[CWE_NUM_COMMON:]
+    echoed = set(re.findall(r"[a-z]+", f"{query.question} {query.answer_prefix}".lower()))
+    common = [w for w in words if w not in echoed][:CWE_NUM_COMMON]
+    rare = [w for w in words if w not in common]
     # RULER's 30 vs 3 repeats need ~4k tokens; shorter lists scale the common repeats down.
     entries_guess = target // 6
     repeats_common, repeats_rare = (30, 3) if entries_guess >= 600 else (max(2, entries_guess // 20), 1)
@@ -282,15 +305,61 @@ def _common_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sam
     return Sample("common_words", context, query.question, common, MAX_NEW_TOKENS["common_words"], query.answer_prefix)
 
 
+def _coded_word(rng: random.Random, banned: frozenset[str]) -> str:
+    """A random 3-5 letter word (RULER's "coded word") that is not in `banned`."""
+    while True:
+        word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 5)))
+        if word not in banned:
+            return word
+
+
+def _frequent_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sample:
+    preamble = PREAMBLES["frequent_words"]
+    query = _Query(
+        "What are the three most frequently appeared words in the above coded text?",
+        "Answer: According to the coded text above, the three most frequently appeared words are:",
+        [],
+    )
+    # An answer that is a word of the instructions could be "found" in an output that only echoes them.
+    banned = frozenset(re.findall(r"[a-z]+", f"{preamble} {query.question} {query.answer_prefix}".lower()))
+    # The fit's unit is one more occurrence of the top word. Ranks beyond isqrt(top) occur 0 times, so these words
+    # cover the longest text the fit may try (max_units = target).
+    vocab = _distinct(rng, lambda: _coded_word(rng, banned), isqrt(FWE_MIN_TOP + target))
+    shuffle_seed = rng.random()
+
+    def coded_text(n: int) -> str:
+        top = FWE_MIN_TOP + n
+        words = [w for rank, w in enumerate(vocab, 1) for _ in range(top // rank**FWE_ALPHA)]
+        random.Random(shuffle_seed).shuffle(words)
+        return " ".join(words)
+
+    render = _with_preamble(preamble, coded_text)
+    # A unit adds ~1.6 words (zeta(2) = 1.64) of ~3 tokens each.
+    context = _fit(render, tokenizer, target, guess=target // 5, max_units=target, task="frequent_words")
+    return Sample(
+        "frequent_words", context, query.question, vocab[:3], MAX_NEW_TOKENS["frequent_words"], query.answer_prefix
+    )
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def make_samples(task: str, tokenizer: Any, context_tokens: int, n: int, seed: int = 0) -> list[Sample]:
-    """n samples of `task` whose contexts are context_tokens (+-5%) long; same arguments, same samples."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+def make_samples(
+    task: str, tokenizer: Any, context_tokens: int, n: int, seed: int = 0, haystack: str = "persuasion"
+) -> list[Sample]:
+    """n samples of `task` whose contexts are context_tokens (+-5%) long; same arguments, same samples.
+
+    `haystack` (one of HAYSTACKS) is the text the niah_* tasks hide their needles in; other tasks ignore it.
+    """
+    _check_choice("task", task, TASKS)
+    _check_choice("haystack", haystack, HAYSTACKS)
     _check_int("context_tokens", context_tokens, 1)
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
@@ -302,9 +371,11 @@ def make_samples(task: str, tokenizer: Any, context_tokens: int, n: int, seed: i
         rng = random.Random(f"{task}/{seed}/{i}")
         if task == "common_words":
             samples.append(_common_words_sample(rng, tokenizer, context_tokens))
+        elif task == "frequent_words":
+            samples.append(_frequent_words_sample(rng, tokenizer, context_tokens))
         else:
             depth = i / (n - 1) if n > 1 else 0.5
-            samples.append(_needle_sample(task, rng, depth, tokenizer, context_tokens))
+            samples.append(_needle_sample(task, rng, depth, tokenizer, context_tokens, haystack))
     return samples
 
 
