@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lukv_compile.eval.methods import profile_stem, shipped_profile
+from lukv_compile.eval.methods import shipped_profile
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.models import load_model
+from lukv_compile.profiles import profile_file_name
 from lukv_compile.profiling.run import mean_fractions, profile_scorers
 
 SEED = 7919  # the evaluation uses seed 0: no calibration sample is an evaluation sample
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mix_with_shipped:
             prune = mean_fractions(prune + shipped_profile(model, s).prune, 2)
         profile = replace(first[s], prune=prune, calibration=description)
-        path = out / f"{profile_stem(model)}-{s}.safetensors"
+        path = out / profile_file_name(model.config.name_or_path, s)
         profile.save(path)
         print(f"wrote {path}")
     return 0

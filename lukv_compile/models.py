@@ -136,9 +136,13 @@ def _build_cache(name: str, target: Path) -> None:
 
 
 def load_model(
-    name: str = "smollm2", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    name: str = "smollm2", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+    tp_plan: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load real model `name` ("smollm2" or "gemma3") in eval mode with a left-padding tokenizer."""
+    """Load real model `name` ("smollm2" or "gemma3") in eval mode with a left-padding tokenizer.
+
+    tp_plan="auto": transformers' tensor parallelism over the torchrun job's ranks (each rank holds its heads).
+    """
     spec = _spec(name)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -146,7 +150,8 @@ def load_model(
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation,
+                                                 tp_plan=tp_plan)
     model.config.name_or_path = spec.model_id
     model.eval()
     return model, load_tokenizer(name)

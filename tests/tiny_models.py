@@ -46,9 +46,9 @@ def tiny_model(family: str = "llama", layers: int = 2, q_heads: int = 4, kv_head
     return model_cls(config).eval()
 
 
-def tiny_gemma3(seed: int = 0):
+def tiny_gemma3(seed: int = 0, kv_heads: int = 1):
     """Gemma 3 text model: sliding-window layers (left exact) around one global layer (compressed)."""
-    config = Gemma3TextConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=kv_heads,
                               head_dim=16, num_hidden_layers=3, vocab_size=128, sliding_window=16,
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                               max_position_embeddings=1024, attn_implementation="sdpa")

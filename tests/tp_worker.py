@@ -1,10 +1,11 @@
 """One rank of the tensor-parallel test (tests/test_tensor_parallel.py), run by torchrun:
 
-    torchrun --nproc-per-node 2 tests/tp_worker.py MODEL_FOLDER PROFILE OUT_DIR INNER
+    torchrun --nproc-per-node 2 tests/tp_worker.py MODEL_FOLDER PROFILE BALANCED_PROFILE OUT_DIR INNER
 
-Loads the model with transformers' tp_plan="auto" (gloo on CPU), compiles it with lukv, runs each of CASES with
-PROFILE (compression 0; 0.8; 0.8 with chunked prefill and a second turn, evicting every turn), and writes what this
-rank saw to OUT_DIR/rank{r}.json. The test runs the same cases in one process (`run_cases`).
+Loads the model with transformers' tp_plan="auto" (gloo on CPU), compiles it with lukv, runs each of CASES
+(compression 0; 0.8; 0.8 with chunked prefill and a second turn, evicting every turn: with PROFILE; 0.8 with
+BALANCED_PROFILE, solved for 2 shards), and writes what this rank saw to OUT_DIR/rank{r}.json. The test runs the
+same cases in one process (`run_cases`). A profile given as "uniform" is uniform budgets.
 """
 
 import json
@@ -14,9 +15,11 @@ import sys
 import torch
 
 from lukv_compile import LUKVCache, Profile
+from lukv_compile.runtime.layer import RaggedLayer
 
 CASES = {"0.0": {"compression": 0.0}, "0.8": {"compression": 0.8},
-         "0.8 chunked, two turns": {"compression": 0.8, "prefill_chunk": 32, "evict": "turn"}}
+         "0.8 chunked, two turns": {"compression": 0.8, "prefill_chunk": 32, "evict": "turn"},
+         "0.8 balanced": {"compression": 0.8, "balanced": True}}
 
 
 def conversation(forward, cache, turns: int) -> torch.Tensor:
@@ -36,26 +39,29 @@ def conversation(forward, cache, turns: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_cases(model, compiled, profile: Profile) -> dict:
+def run_cases(model, compiled, profile: Profile | str, balanced: Profile | str) -> dict:
     """Each case's tokens, KV heads held, bytes and kept positions per layer, row and head."""
     result = {}
-    for name, settings in CASES.items():
-        cache = LUKVCache(model.config, profile=profile, **settings)
+    for name, case in CASES.items():
+        settings = {k: v for k, v in case.items() if k != "balanced"}
+        cache = LUKVCache(model.config, profile=balanced if case.get("balanced") else profile, **settings)
         out = conversation(compiled, cache, 2 if "two turns" in name else 1)
         heads = [0, cache.num_kv_heads] if cache.shard is None else [cache.shard.start, cache.shard.stop]
         result[name] = {
             "tokens": out.tolist(), "heads": heads, "nbytes": cache.nbytes(),
-            "kept": [[[p.tolist() for p in row] for row in layer.kept_positions()] for layer in cache.layers]}
+            "kept": [[[p.tolist() for p in row] for row in layer.kept_positions()] for layer in cache.layers
+                     if isinstance(layer, RaggedLayer)]}
     return result
 
 
 if __name__ == "__main__":
     from transformers import AutoModelForCausalLM
 
-    folder, profile_path, out_dir, inner = sys.argv[1:5]
+    folder, profile_path, balanced_path, out_dir, inner = sys.argv[1:6]
     model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", attn_implementation="sdpa").eval()
     compiled = torch.compile(model, backend="lukv", options={"inner": inner})
     rank = int(os.environ["RANK"])
-    result = {"rank": rank, **run_cases(model, compiled, Profile.load(profile_path))}
+    profiles = [path if path == "uniform" else Profile.load(path) for path in (profile_path, balanced_path)]
+    result = {"rank": rank, **run_cases(model, compiled, *profiles)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

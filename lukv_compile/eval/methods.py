@@ -11,6 +11,8 @@ accuracy and memory differences come from the policy alone, not from the impleme
               lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
+              tp<N>          LU-KV solved for N tensor-parallel shards (`lukv profile --shards N`): every shard's
+                             kept tokens within 5% of the others' (the shipped <model>-<scorer>-tpN profile)
     scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
@@ -26,9 +28,10 @@ from pathlib import Path
 
 from lukv_compile.config import config_fingerprint
 from lukv_compile.profile import RANKINGS, RECONSTRUCTION, SCORERS, Profile
+from lukv_compile.profiles import SHIPPED_DIR, profile_file_name
 from lukv_compile.runtime.cache import LUKVCache
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILE_DIR = SHIPPED_DIR  # `lukv eval --profile-dir` and tests point it elsewhere
 
 
 class ProfileMissingError(FileNotFoundError):
@@ -40,21 +43,16 @@ def layers_and_heads(model) -> tuple[int, int]:
     return config.num_hidden_layers, config.num_key_value_heads
 
 
-def profile_stem(model) -> str:
-    """'HuggingFaceTB/SmolLM2-135M-Instruct:Q4_1.gguf' -> 'smollm2-135m-instruct' (the shipped file prefix)."""
-    name = str(getattr(model.config, "name_or_path", "") or "")
-    return name.split(":")[0].rstrip("/").split("/")[-1].lower()
+def profile_path(model, scorer: str, shards: int = 1) -> Path:
+    return PROFILE_DIR / profile_file_name(str(getattr(model.config, "name_or_path", "") or ""), scorer, shards)
 
 
-def profile_path(model, scorer: str) -> Path:
-    return PROFILE_DIR / f"{profile_stem(model)}-{scorer}.safetensors"
-
-
-def shipped_profile(model, scorer: str) -> Profile:
-    path = profile_path(model, scorer)
+def shipped_profile(model, scorer: str, shards: int = 1) -> Profile:
+    path = profile_path(model, scorer, shards)
     if not path.is_file():
+        flag = f" --shards {shards}" if shards > 1 else ""
         raise ProfileMissingError(f"no shipped LU-KV {scorer} profile for this model: {path} does not exist "
-                                  f"(make one with `lukv profile ... --scorer {scorer} --out {path}`)")
+                                  f"(make one with `lukv profile ... --scorer {scorer}{flag} --out {path}`)")
     profile = Profile.load(path)
     if profile.scorer != scorer:
         raise ValueError(f"{path} holds a {profile.scorer} profile, expected {scorer}")
@@ -78,15 +76,22 @@ class Method:
     adaptive: bool = False  # AdaKV's run-time split of each layer's total
 
 
+def tp_shards(budget: str) -> int:
+    """'tp3' -> 3; 0 for any other budget name."""
+    digits = budget.removeprefix("tp")
+    return int(digits) if budget.startswith("tp") and digits.isdigit() else 0
+
+
 def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
     known_scorer = scorer in RANKINGS or scorer == ORACLE
-    known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS)
+    known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS) or tp_shards(budget) > 1
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
-                         f"{', '.join(BUDGETS)}, lukv-<scorer> and scorer in {', '.join(RANKINGS)}, {ORACLE}")
+                         f"{', '.join(BUDGETS)}, lukv-<scorer>, tp<N> (N >= 2) and scorer in {', '.join(RANKINGS)}, "
+                         f"{ORACLE}")
     return budget, scorer
 
 
@@ -105,6 +110,8 @@ def resolve(name: str, model) -> Method:
         profile = Profile.pyramid(layers, heads, scorer=protection)
     elif budget == "floored":
         profile = shipped_profile(model, scorer).floored(FLOOR_SHARE)
+    elif tp_shards(budget) > 1:
+        profile = shipped_profile(model, scorer, tp_shards(budget))
     else:
         profile = shipped_profile(model, budget.partition("-")[2] or scorer)
     return Method(name, scorer, profile, adaptive=budget == "adakv")
