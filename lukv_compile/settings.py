@@ -26,6 +26,7 @@ CACHE_POLICIES = ("lukv", "adakv")
 # every later multi-token forward (a new turn, a chunk), or also while decoding (a head is compressed
 # back to its budget once it holds DECODE_SLACK tokens more than that).
 EVICTION_POINTS = ("prompt", "turn", "always")
+UNIFORM = "uniform"  # profile="uniform": every head the same share, even where the model has a profile
 # prefill_chunk=C: generate() prefills a long prompt C tokens per forward, evicting after each, so the K/V
 # held never exceed the budget plus C per head (prefill.py).
 
@@ -41,9 +42,13 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class LUKVSettings:
-    """What to evict and when. `None` for scorer/sink/window means "the profile's" (or the scorer's default)."""
+    """What to evict and when. `None` for scorer/sink/window means "the profile's" (or the scorer's default).
 
-    profile: Profile | None = None
+    profile: None (default) is the model's own LU-KV profile, found by its config fingerprint (lukv_compile.profiles),
+    else uniform budgets with a warning naming the command that makes one; "uniform" asks for uniform budgets.
+    """
+
+    profile: Profile | str | None = None
     compression: float = 0.8
     scorer: str | None = None
     sink: int | None = None
@@ -84,11 +89,12 @@ class LUKVSettings:
         _require(self.mode is None or self.inner == "inductor", "mode", self.mode,
                  f"a mode is inductor's: it needs inner='inductor', got inner={self.inner!r}")
         profile = self.profile
-        if isinstance(profile, (str, Path)):
+        if isinstance(profile, (str, Path)) and profile != UNIFORM:
             object.__setattr__(self, "profile", Profile.load(profile))
         else:
-            _require(profile is None or isinstance(profile, Profile), "profile", type(profile).__name__,
-                     "pass a Profile, a path to a profile file, or None (uniform)")
+            _require(profile in (None, UNIFORM) or isinstance(profile, Profile), "profile", type(profile).__name__,
+                     f"pass a Profile, a path to a profile file, {UNIFORM!r}, or None (the model's own, found by "
+                     "its config fingerprint)")
 
     @classmethod
     def from_options(cls, options: dict | None) -> LUKVSettings:

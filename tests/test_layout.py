@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lukv_compile"
 FLOORS = {
     "kernels": 0, "log": 0, "config": 0, "compat": 0, "data": 0, "models": 0,
     "policy.scorers": 1,
-    "profile": 2, "solver": 2,
+    "profile": 2, "profiles": 2, "solver": 2,
     "policy": 3, "settings": 3, "profiling": 3,
     "runtime": 4,
     "passes": 5,

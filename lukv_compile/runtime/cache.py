@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import weakref
 from pathlib import Path
 
@@ -31,12 +32,13 @@ from lukv_compile.config import (
     weights_fingerprint,
 )
 from lukv_compile.policy.scorers import REGISTRY, layer_ropes
-from lukv_compile.profile import DEFAULT_SINK, DEFAULT_WINDOW, RECONSTRUCTION, Profile, ProfileError
+from lukv_compile.profile import RECONSTRUCTION, Profile, ProfileError
 from lukv_compile.runtime import registry
+from lukv_compile.runtime.default_profile import default_profile, uniform_profile
 from lukv_compile.runtime.errors import LUKVCacheError
 from lukv_compile.runtime.layer import FILL_BY_RECONSTRUCTION, RaggedLayer
 from lukv_compile.runtime.sharding import HeadShard, kv_head_shard, report_balance
-from lukv_compile.settings import LUKVSettings
+from lukv_compile.settings import UNIFORM, LUKVSettings
 
 
 class LUKVCache(Cache):
@@ -134,9 +136,13 @@ class LUKVCache(Cache):
                              "time, which no rank of a tensor-parallel model sees; use policy='lukv'")
         self.shard = shard
         self.num_kv_heads = self.shape[1] if shard is None else shard.stop - shard.start
+        if self.settings.profile is None:  # the model's own profile: the one solved for this many shards, if any
+            same_ranking = dataclasses.replace(self.settings, scorer=self.profile.scorer)
+            self.profile = resolve_profile(same_ranking, self.config, *self.shape[:2], shard.ranks if shard else 1)
         for layer in self.layers:
             if isinstance(layer, RaggedLayer):
                 layer.kv_heads, layer.heads = self.num_kv_heads, slice(None) if shard is None else shard.heads
+                layer.profile = self.profile
         if shard is not None:
             report_balance(self.profile, self.settings.compression, shard)
 
@@ -267,14 +273,14 @@ def describe_shape(shape: tuple[int, int, int]) -> str:
     return f"{layers} layers, {heads} KV heads, head_dim {dim}"
 
 
-def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_heads: int) -> Profile:
-    """The profile the settings name (uniform when none), checked against the model and the settings."""
+def resolve_profile(settings: LUKVSettings, config, num_layers: int, num_kv_heads: int, shards: int = 1) -> Profile:
+    """The profile the settings name (None: the model's own, solved for `shards` where one is; default_profile.py),
+    checked against the model and the settings."""
     profile = settings.profile
     if profile is None:
-        scorer = settings.scorer or "snapkv"
-        window = DEFAULT_WINDOW[scorer] if settings.window is None else settings.window
-        sink = DEFAULT_SINK if settings.sink is None else settings.sink
-        return Profile.uniform(num_layers, num_kv_heads, scorer=scorer, sink=sink, window=window)
+        profile = default_profile(settings, config, num_layers, num_kv_heads, shards)
+    if profile == UNIFORM:
+        return uniform_profile(settings, num_layers, num_kv_heads)
     asked = {"scorer": settings.scorer, "sink": settings.sink, "window": settings.window}
     made = {"scorer": profile.scorer, "sink": profile.sink, "window": profile.window}
     clash = {k: (asked[k], made[k]) for k in asked if asked[k] is not None and asked[k] != made[k]}

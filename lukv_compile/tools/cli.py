@@ -52,8 +52,14 @@ def add_profile(sub) -> None:
     p.add_argument("--scorer", default="snapkv",
                    help=f"scorer or comma-separated scorers, from: {', '.join(RANKINGS)} (default snapkv; "
                         "reconstruction: the utility of repeating the context, applied by compress_context)")
-    p.add_argument("--out", required=True,
-                   help="output .safetensors file; with several scorers it must contain {scorer}")
+    p.add_argument("--out", default=None,
+                   help="output .safetensors file; with several scorers it must contain {scorer} (default: "
+                        "<model>-{scorer}.safetensors in the user's profile folder, $LUKV_PROFILE_DIR or "
+                        "~/.cache/lukv_compile/profiles, where a cache given no profile finds it)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first-use profile: {QUICK['questions']} questions, {QUICK['k_max']} sampled steps, a "
+                        f"{QUICK['context_tokens'][0]}-token context unless given (32 s for SmolLM2-135M "
+                        "on 2 CPU cores; the shipped profiles use 30 questions, 64 steps, 4096 tokens)")
     p.add_argument("--calibration-text", type=Path, default=None,
                    help="UTF-8 text file to calibrate on (default: the shipped Northanger Abbey excerpt)")
     p.add_argument("--calibration-questions", type=Path, default=None,
@@ -61,8 +67,8 @@ def add_profile(sub) -> None:
                         "(default: the shipped 30 cloze questions about the shipped text)")
     p.add_argument("--questions", type=positive_int, default=None, help="use the first N calibration questions "
                    "(default: all)")
-    p.add_argument("--k-max", type=positive_int, default=64, help="sampled decode steps per question (default 64)")
-    p.add_argument("--context-tokens", type=positive_ints, default=[4096],
+    p.add_argument("--k-max", type=positive_int, default=None, help="sampled decode steps per question (default 64)")
+    p.add_argument("--context-tokens", type=positive_ints, default=None,
                    help="calibration context length(s) in tokens, comma-separated (default 4096): one length L "
                         "uses the text's first L tokens; with several, the text is cut at the longest and each "
                         "shorter length asks each question after the window of that length holding the passage it "
@@ -88,6 +94,28 @@ def add_profile(sub) -> None:
                    help=f"also write each scorer's per-question loss curves next to its profile ({CURVES_SUFFIX})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_profile)
+
+
+FULL = {"questions": None, "k_max": 64, "context_tokens": [4096]}
+QUICK = {"questions": 8, "k_max": 32, "context_tokens": [2048]}
+
+
+def apply_preset(args) -> None:
+    """Fill --questions / --k-max / --context-tokens not given from the --quick or the full preset."""
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def default_out(model: str, shards: int) -> str:
+    """The profile's file in the user's profile folder (made if missing), for a model name or folder."""
+    from lukv_compile import models
+    from lukv_compile.profiles import profile_file_name, user_profile_dir
+
+    name = models.MODELS[model].model_id if model in models.MODELS else str(Path(model).resolve())
+    folder = user_profile_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / profile_file_name(name, "{scorer}", shards))
 
 
 def parse_scorers(text: str) -> list[str]:
@@ -119,7 +147,8 @@ def run_profile(args) -> None:
     scorers = parse_scorers(args.scorer)
     check_scope(args.scope, args.shards)
     check_pool(args.reconstruction_pool)
-    paths = output_paths(args.out, scorers)
+    apply_preset(args)
+    paths = output_paths(args.out or default_out(args.model, args.shards), scorers)
     context, questions, source = calibration_files(args.calibration_text, args.calibration_questions)
     if args.questions is not None and args.questions > len(questions):
         raise CommandError(f"--questions {args.questions}: only {len(questions)} calibration questions exist")
