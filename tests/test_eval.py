@@ -63,6 +63,37 @@ def test_full_cache_loop_equals_eager_generate(model):
     assert got.full_bytes <= got.kv_bytes < 1.2 * got.full_bytes
 
 
+def greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
+    """`tokens` greedy tokens after `ids`, each from a full forward over everything so far (no cache)."""
+    out = []
+    with torch.no_grad():
+        for _ in range(tokens):
+            out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def test_follow_up_questions_continue_the_conversation_on_the_same_cache(model):
+    """Each later question follows the previous answer, cut at max_new_tokens or not: at compression 0 every
+    answer equals greedy decoding over the whole conversation."""
+    prompt = harness.Prompt(torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(1)),
+                            [5, 6, 7], 6, [], ([8, 9, 10, 11], [12, 13]))
+    got = run_sample(lukv_compiled(model), model, methods.make_cache("full", model, 0.8), prompt, set())
+    so_far = prompt.context_ids[0].tolist() + prompt.question_ids
+    for answer, turn in zip([got.tokens, *got.later], [*prompt.followups, []], strict=True):
+        assert answer == greedy_reference(model, so_far, 6)
+        so_far += answer + turn
+    assert len(got.later) == 2
+
+
+def test_a_multi_question_sample_is_scored_per_turn(model):
+    tokenizer = CharTokenizer()
+    results = evaluate(model, tokenizer, ["full"], ["niah_multiturn"], [800], 1, [0.8], engine="compiled",
+                       progress=False, prompt_format="plain", inner="aot_eager", haystacks=("chat",))
+    (result,) = results
+    assert result.task == "niah_multiturn@chat" and len(result.turns) == 4
+    assert result.score == sum(result.turns) / 4 and result.answer.count(" | ") == 3
+
+
 METHODS = ["full", "streaming", "uniform:snapkv", "pyramid:keydiff", "adakv:snapkv", "lukv:keydiff",
            "uniform:expected_attention"]
 
@@ -159,6 +190,8 @@ def test_all_methods_cover_every_budget_and_scorer():
     ({"prompt_format": "xml"}, "unknown prompt format"),
     ({"engine": "vllm"}, "unknown engine 'vllm'"),
     ({"protocols": ("agnostic", "psychic")}, "unknown protocol"),
+    ({"haystacks": ("persuasion", "phonebook")}, "unknown haystack"),
+    ({"tasks": ["niah_multiturn"]}, "only the compiled engine runs"),
 ])
 def test_bad_evaluation_arguments_raise_before_work(model, kwargs, message):
     args = {"methods": ["full"], "tasks": ["passkey"], "context_tokens": [256], "samples": 1,

@@ -119,11 +119,24 @@ def test_variable_chain_reads_in_order(tokenizer):
             assert f"VAR {b} = VAR {a}." in sample.context
 
 
-@pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery"])
+@pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery", "niah_multiturn"])
 def test_multi_needle_tasks_hide_four_needles(tokenizer, task):
     (sample,) = make_samples(task, tokenizer, 2000, n=1, seed=4)
     assert sample.context.count("One of the special magic numbers for") == 4
-    assert len(sample.answers) == (1 if task == "niah_multikey" else 4)
+    assert len(sample.answers) == (4 if task in ("niah_multivalue", "niah_multiquery") else 1)
+
+
+@pytest.mark.parametrize("haystack", HAYSTACKS)
+def test_multi_turn_asks_each_needle_once_in_its_own_words(tokenizer, haystack):
+    (sample,) = make_samples("niah_multiturn", tokenizer, 1024, n=1, seed=2, haystack=haystack)
+    asked = [sample, *sample.followups]
+    numbers = [q.answers[0] for q in asked]
+    assert len(asked) == 4 and len(set(numbers)) == 4
+    for q in asked:
+        key = q.question.removeprefix("Which number does the text list for ").removesuffix("?")
+        assert f"One of the special magic numbers for {key} is: {q.answers[0]}." in sample.context
+        assert "special magic" not in q.question  # a question form unlike RULER's and the calibration's
+        assert score(q, q.question + q.answer_prefix) == 0.0
 
 
 @pytest.mark.parametrize("task", TASKS)

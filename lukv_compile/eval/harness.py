@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval.methods import (
     ORACLE,
     RECONSTRUCTION,
@@ -31,15 +32,16 @@ from lukv_compile.eval.methods import (
     resolve,
 )
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
-from lukv_compile.eval.tasks import TASKS, Sample, make_samples, score
+from lukv_compile.eval.tasks import MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import check_compression
-from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, repeat_ids
+from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, next_turn, repeat_ids
 from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.runtime.chunked_prefill import chunked_prefill
 from lukv_compile.runtime.compress_context import compress_context
 
 ENGINES = ("simulated", "compiled")
+DEFAULT_HAYSTACK = HAYSTACKS[0]  # Persuasion: the one every earlier result used
 WARMUP_STEPS = 2  # decode steps per sample left out of the latency median (the first may compile)
 
 
@@ -49,11 +51,13 @@ class Prompt:
     question_ids: list[int]  # after compression (agnostic) or the end of the compressed prompt (aware)
     max_new_tokens: int
     reconstruction: list[int]  # the context's reconstruction (`reconstruction.repeat_ids`), for that scorer
+    followups: tuple[list[int], ...] = ()  # each later question's turn, after the previous answer
 
 
 @dataclass(frozen=True)
 class Generation:
     tokens: list[int]  # the answer, without the stop token
+    later: list[list[int]]  # the answers to the prompt's follow-up questions, in order
     kv_bytes: int  # cache.nbytes(): kept keys/values plus the room for the decode tokens plus metadata
     full_bytes: int  # an uncompressed cache for the same number of token slots
     step_seconds: list[float]  # every single-token forward of the answer
@@ -75,6 +79,7 @@ class Result:
     kept: float | None = None  # simulated: fraction of the prompt's K/V kept over all layers and heads
     kv_ratio: float | None = None  # compiled: cache.nbytes() / an uncompressed cache of as many tokens
     decode_ms: float | None = None  # compiled: median single-token step after warm-up
+    turns: list[float] | None = None  # a multi-question sample: each question's score (`score` is their mean)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,11 +96,14 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
     if prompt_format == "chat":
         before, question = chat_parts(tokenizer, sample.question)
         context = before + sample.context
+        later = [next_turn(tokenizer, q.question) for q in sample.followups]
     else:
         context, question = sample.context, f"\n\n{sample.question}\nAnswer:"
+        later = [f"\n\n{q.question}\nAnswer:" for q in sample.followups]
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return Prompt(torch.tensor([context_ids]), tokenizer.encode(question, add_special_tokens=False),
-                  sample.max_new_tokens, repeat_ids(tokenizer, sample.context, chat=prompt_format == "chat"))
+                  sample.max_new_tokens, repeat_ids(tokenizer, sample.context, chat=prompt_format == "chat"),
+                  tuple(tokenizer.encode(turn, add_special_tokens=False) for turn in later))
 
 
 @torch.no_grad()
@@ -103,7 +111,8 @@ def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[
                prefill_chunk: int | None = None, protocol: str = "agnostic",
                reconstruct: bool = False) -> Generation:
     """Prefill + evict (in chunks of `prefill_chunk`, if given; with the question for `aware`), the
-    question in one forward (`agnostic`), then greedy decoding until a stop token."""
+    question in one forward (`agnostic`), then greedy decoding until a stop token; then each follow-up question
+    in one forward after the answer, on the same cache, and its greedy answer."""
     device = model.device
     question = torch.tensor([prompt.question_ids], device=device)
     ids = prompt.context_ids.to(device)
@@ -115,23 +124,37 @@ def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[
         logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
     if protocol == "agnostic":
         logits = compiled(input_ids=question, cache=cache, logits_to_keep=1).logits
+    answer, unfed, steps = greedy_answer(compiled, cache, logits, prompt.max_new_tokens, stop_ids)
+    later = []
+    for turn in prompt.followups:
+        logits = compiled(input_ids=torch.tensor([unfed + turn], device=device), cache=cache, logits_to_keep=1).logits
+        said, unfed, _ = greedy_answer(compiled, cache, logits, prompt.max_new_tokens, stop_ids)
+        later.append(said)
+    full = full_cache_nbytes(model.config, 1, cache.get_seq_length() + len(unfed), model.dtype)
+    return Generation(answer, later, cache.nbytes(), full, steps)
+
+
+def greedy_answer(compiled, cache: LUKVCache, logits: torch.Tensor, max_new_tokens: int,
+                  stop_ids: set[int]) -> tuple[list[int], list[int], list[float]]:
+    """(answer tokens, the answer's last token when the cache has not seen it (a cut answer), every decode step's
+    seconds) of greedy decoding from `logits` until a stop token or `max_new_tokens`."""
     next_token = int(logits[0, -1].argmax())
     answer, steps = [], []
-    while next_token not in stop_ids and len(answer) < prompt.max_new_tokens:
+    while next_token not in stop_ids and len(answer) < max_new_tokens:
         answer.append(next_token)
-        if len(answer) == prompt.max_new_tokens:
-            break
+        if len(answer) == max_new_tokens:
+            return answer, [next_token], steps
         start = time.perf_counter()
-        logits = compiled(input_ids=torch.tensor([[next_token]], device=device), cache=cache, logits_to_keep=1).logits
+        ids = torch.tensor([[next_token]], device=logits.device)
+        logits = compiled(input_ids=ids, cache=cache, logits_to_keep=1).logits
         next_token = int(logits[0, -1].argmax())  # .item() syncs, so the step time is the real one
         steps.append(time.perf_counter() - start)
-    tokens = prompt.context_ids.shape[1] + len(prompt.question_ids) + len(answer)
-    full = full_cache_nbytes(model.config, 1, tokens, model.dtype)
-    return Generation(answer, cache.nbytes(), full, steps)
+    return answer, [], steps
 
 
 def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, compressions: list[float],
-                     engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",)) -> None:
+                     engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",),
+                     haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,)) -> None:
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks or not tasks:
         raise ValueError(f"unknown task(s) {bad_tasks or '(none given)'}; allowed: {', '.join(TASKS)}")
@@ -145,6 +168,12 @@ def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, 
         check_compression(c)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
+    if engine == "simulated" and MULTI_QUESTION_TASKS & set(tasks):
+        raise ValueError(f"task(s) {sorted(MULTI_QUESTION_TASKS & set(tasks))} ask questions in later turns on the "
+                         "same cache, which only the compiled engine runs: use engine 'compiled'")
+    bad_haystacks = [h for h in haystacks if h not in HAYSTACKS]
+    if bad_haystacks or not haystacks:
+        raise ValueError(f"unknown haystack(s) {bad_haystacks or '(none given)'}; allowed: {', '.join(HAYSTACKS)}")
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise ValueError(f"unknown protocol(s) {bad or '(none given)'}; allowed: {', '.join(PROTOCOLS)}")
@@ -180,12 +209,15 @@ def variants(methods: list[Method], compressions: list[float]) -> list[Variant]:
 def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tokens: list[int], samples: int,
              compressions: list[float], seed: int = 0, progress: bool = True, prompt_format: str = "chat",
              engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",), inner: str = "inductor",
-             compiled=None, prefill_chunk: int | None = None, rank: int = 0, world: int = 1) -> list[Result]:
+             compiled=None, prefill_chunk: int | None = None, rank: int = 0, world: int = 1,
+             haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,)) -> list[Result]:
     """Results of this rank's samples (sample i runs on rank i % world); methods without a profile are skipped.
+
+    The niah_* tasks run once per haystack, reported as `task@haystack` on any but the default.
 
     `compiled` (compiled engine) is the model compiled with the lukv backend (made here with `inner` if not given).
     """
-    check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols)
+    check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols, haystacks)
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
     if "aware" in protocols and any(m.scorer == RECONSTRUCTION for m in chosen):
@@ -198,17 +230,20 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
         compiled = torch.compile(model, backend="lukv", options={"inner": inner})
     stop_ids = set(eos_token_ids(model, tokenizer))
     mine = range(rank, samples, world)
-    bar = _progress(len(context_tokens) * len(tasks) * len(protocols) * len(mine), progress and rank == 0)
+    runs_of_tasks = [(task, haystack) for task in tasks
+                     for haystack in (haystacks if task.startswith("niah") else (DEFAULT_HAYSTACK,))]
+    bar = _progress(len(context_tokens) * len(runs_of_tasks) * len(protocols) * len(mine), progress and rank == 0)
     results = []
     for length in context_tokens:
-        for task in tasks:
-            task_samples = make_samples(task, tokenizer, length, samples, seed)
+        for task, haystack in runs_of_tasks:
+            label = task if haystack == DEFAULT_HAYSTACK else f"{task}@{haystack}"
+            task_samples = make_samples(task, tokenizer, length, samples, seed, haystack)
             for index in mine:
                 sample = task_samples[index]
                 prompt = encode(tokenizer, sample, prompt_format)
                 for protocol in protocols:
-                    bar.set_description(f"{length} {task} {protocol}")
-                    where = (protocol, length, task, index)
+                    bar.set_description(f"{length} {label} {protocol}")
+                    where = (protocol, length, label, index)
                     if engine == "simulated":
                         results += simulated_results(model, tokenizer, sample, prompt, runs, where, stop_ids)
                     else:
@@ -244,11 +279,13 @@ def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt,
         cache = make_cache(variant.method.name, model, variant.compression)
         g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0],
                        reconstruct=variant.method.scorer == RECONSTRUCTION)
-        text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+        texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in [g.tokens, *g.later]]
+        turns = [score(asked, text) for asked, text in zip([sample, *sample.followups], texts, strict=True)]
         steps = g.step_seconds[WARMUP_STEPS:]
-        out.append(Result("compiled", *where, variant.method.name, variant.compression, score(sample, text), text,
-                          kv_ratio=g.kv_bytes / g.full_bytes,
-                          decode_ms=1000 * statistics.median(steps) if steps else None))
+        out.append(Result("compiled", *where, variant.method.name, variant.compression, statistics.mean(turns),
+                          " | ".join(texts), kv_ratio=g.kv_bytes / g.full_bytes,
+                          decode_ms=1000 * statistics.median(steps) if steps else None,
+                          turns=turns if sample.followups else None))
     return out
 
 

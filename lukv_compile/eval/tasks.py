@@ -13,6 +13,8 @@ Tasks (after RULER, Hsieh et al. 2024):
 - variable_tracking: a chain VAR A = 12345, VAR B = VAR A, ... in noise; all names holding the value.
 - common_words: a numbered word list; the 10 words repeated most often.
 - frequent_words: random "coded words" whose counts follow Zipf's law; the 3 most frequent.
+- niah_multiturn: four keys; one number asked per turn, all four questions on the same compressed context
+  (SCBench's shared-context setting), in a question form of its own ("Which number does the text list for ...?").
 
 The niah_* tasks take their haystack from `lukv_compile.data.HAYSTACKS`: Persuasion (the default), Python source
 code, a software licence agreement or a team chat log, all disjoint from the calibration text (Northanger Abbey), so
@@ -44,6 +46,7 @@ TASKS = (
     "variable_tracking",
     "common_words",
     "frequent_words",
+    "niah_multiturn",
 )
 # Room for an answer that first restates the question (SmolLM2 does, unless the answer prefix is given).
 MAX_NEW_TOKENS = {
@@ -55,7 +58,9 @@ MAX_NEW_TOKENS = {
     "variable_tracking": 64,
     "common_words": 96,
     "frequent_words": 48,
+    "niah_multiturn": 32,  # per question
 }
+MULTI_QUESTION_TASKS = {"niah_multiturn"}  # later questions in later turns: the compiled engine runs them
 TOLERANCE = 0.05  # contexts are guaranteed within this fraction of the requested token count
 _FIT_TARGET = 0.01  # what the length search aims for, well inside TOLERANCE
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -93,6 +98,7 @@ class Sample:
     max_new_tokens: int
     answer_prefix: str = ""  # RULER's start of the answer; a harness may append it after the prompt
     depth: float | None = None  # where the queried needle (or chain start) sits, 0 = start, 1 = end
+    followups: tuple[Question, ...] = ()  # niah_multiturn: asked one per turn after the first, on the same cache
 
 
 @dataclass(frozen=True)
@@ -204,60 +210,69 @@ def _spread(depth: float, k: int) -> list[float]:
     return [(depth + j / k) % 1.0 for j in range(k)]
 
 
-class _Query(NamedTuple):
+class Question(NamedTuple):
+    """What is asked about a context (a sample's later turns, too) and what the answer must contain."""
+
     question: str
     answer_prefix: str
     answers: list[str]
 
 
-def _magic_query(keys: list[str], answers: list[str]) -> _Query:
+def _magic_query(keys: list[str], answers: list[str]) -> Question:
     """RULER's question and answer prefix for the magic numbers of `keys`."""
     listed = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
     if len(answers) == 1:
-        return _Query(
+        return Question(
             f"What is the special magic number for {listed} mentioned in the provided text?",
             f"The special magic number for {listed} mentioned in the provided text is",
             answers,
         )
-    return _Query(
+    return Question(
         f"What are all the special magic numbers for {listed} mentioned in the provided text?",
         f"The special magic numbers for {listed} mentioned in the provided text are",
         answers,
     )
 
 
-def _needles_and_query(task: str, rng: random.Random, depth: float) -> tuple[list[tuple[float, str]], _Query]:
-    """Needles (depth, sentence) of a needle task and what is asked about them."""
+def _listed_query(key: str, value: str) -> Question:
+    """niah_multiturn's question form, worded unlike RULER's (and the profiles' calibration questions)."""
+    return Question(f"Which number does the text list for {key}?", f"The number listed for {key} is", [value])
+
+
+def _needles_and_queries(task: str, rng: random.Random, depth: float) -> tuple[list[tuple[float, str]], list[Question]]:
+    """Needles (depth, sentence) of a needle task and what is asked about them, one query per turn."""
     if task == "passkey":
         key = str(rng.randint(10_000, 99_999))
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        return [(depth, needle)], _Query("What is the pass key?", "The pass key is", [key])
+        return [(depth, needle)], [Question("What is the pass key?", "The pass key is", [key])]
     if task == "niah_single":
         key, value = _key(rng), _magic_numbers(rng, 1)[0]
-        return [(depth, _magic_needle(key, value))], _magic_query([key], [value])
+        return [(depth, _magic_needle(key, value))], [_magic_query([key], [value])]
     if task == "variable_tracking":
         names = _distinct(rng, lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), VT_HOPS + 1)
         value = str(rng.randint(10_000, 99_999))
         chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
         # The chain must read in order, so the hops follow the first statement towards the end.
         depths = [depth + (1 - depth) * j / len(chain) for j in range(len(chain))]
-        query = _Query(
+        query = Question(
             f"Find all variables that are assigned the value {value} in the text above.",
             "Answer: According to the chain(s) of variable assignment in the text above, "
             f"{len(names)} variables are assigned the value {value}, they are:",
             names,
         )
-        return list(zip(depths, chain, strict=True)), query
+        return list(zip(depths, chain, strict=True)), [query]
     depths = _spread(depth, NUM_NEEDLES)
     values = _magic_numbers(rng, NUM_NEEDLES)
     if task == "niah_multivalue":
         key = _key(rng)
-        return [(d, _magic_needle(key, v)) for d, v in zip(depths, values, strict=True)], _magic_query([key], values)
+        return [(d, _magic_needle(key, v)) for d, v in zip(depths, values, strict=True)], [_magic_query([key], values)]
     keys = _distinct(rng, lambda: _key(rng), NUM_NEEDLES)
     needles = [(d, _magic_needle(k, v)) for d, k, v in zip(depths, keys, values, strict=True)]
+    if task == "niah_multiturn":  # one needle per turn, in the order drawn (the first at `depth`)
+        return needles, [_listed_query(k, v) for k, v in zip(keys, values, strict=True)]
     if task == "niah_multikey":
-        return needles, _magic_query(keys[:1], values[:1])
-    return needles, _magic_query(keys, values)
+        return needles, [_magic_query(keys[:1], values[:1])]
+    return needles, [_magic_query(keys, values)]
 
 
 def _with_preamble(preamble: str, render: Callable[[int], str]) -> Callable[[int], str]:
@@ -266,16 +281,17 @@ def _with_preamble(preamble: str, render: Callable[[int], str]) -> Callable[[int
 
 def _needle_sample(task: str, rng: random.Random, depth: float, tokenizer: Any, target: int, haystack: str) -> Sample:
     filler = _noise() if task in ("passkey", "variable_tracking") else _haystack(haystack)
-    needles, query = _needles_and_query(task, rng, depth)
+    needles, (query, *followups) = _needles_and_queries(task, rng, depth)
     start = rng.choice(filler.sentence_starts)
     preamble = PREAMBLES["niah" if task.startswith("niah") else task]
     render = _with_preamble(preamble, lambda n: filler.render(start, n, needles))
     context = _fit(render, tokenizer, target, guess=target * 3 // 4, max_units=10 * target, task=task)
-    return Sample(task, context, query.question, query.answers, MAX_NEW_TOKENS[task], query.answer_prefix, depth)
+    return Sample(task, context, query.question, query.answers, MAX_NEW_TOKENS[task], query.answer_prefix, depth,
+                  tuple(followups))
 
 
 def _common_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sample:
-    query = _Query(
+    query = Question(
         f"What are the {CWE_NUM_COMMON} most common words in the above list?",
         f"Answer: The top {CWE_NUM_COMMON} words that appear most often in the list are:",
         [],
@@ -315,7 +331,7 @@ def _coded_word(rng: random.Random, banned: frozenset[str]) -> str:
 
 def _frequent_words_sample(rng: random.Random, tokenizer: Any, target: int) -> Sample:
     preamble = PREAMBLES["frequent_words"]
-    query = _Query(
+    query = Question(
         "What are the three most frequently appeared words in the above coded text?",
         "Answer: According to the coded text above, the three most frequently appeared words are:",
         [],
@@ -383,7 +399,7 @@ def _contains_word(text: str, answer: str) -> bool:
     return re.search(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
 
 
-def score(sample: Sample, generated_text: str) -> float:
+def score(sample: Sample | Question, generated_text: str) -> float:
     """Fraction of the required answers found in the output (RULER's string_match_all).
 
     Stricter than RULER's plain substring test: an answer must stand as a whole word, so "123456"

@@ -57,6 +57,15 @@ def chat_parts(tokenizer, text: str) -> tuple[str, str]:
     return before, after
 
 
+def next_turn(tokenizer, text: str) -> str:
+    """What follows an assistant's answer when the user then says `text`: the end of the assistant's turn, the
+    user's turn, and the start of the next assistant turn."""
+    said = [{"role": "user", "content": "A question"}, {"role": "assistant", "content": _MARK}]
+    template = tokenizer.apply_chat_template(said + [{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return template.split(_MARK)[1]
+
+
 def request_ids(tokenizer, chat: bool = True) -> list[int]:
     """Token ids of the repeat request that follows the context (closing the user's turn when `chat`)."""
     request = chat_parts(tokenizer, REPEAT_REQUEST)[1] if chat else f"\n\n{REPEAT_REQUEST}"

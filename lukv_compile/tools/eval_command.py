@@ -13,6 +13,7 @@ import platform
 import time
 from pathlib import Path
 
+from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval import report
 from lukv_compile.eval.harness import ENGINES, Result, check_evaluation, evaluate
 from lukv_compile.eval.methods import BUDGETS, parse_methods
@@ -54,6 +55,9 @@ def add_parser(sub) -> None:
                    help="prefill each context in chunks of this many tokens, evicting after each (default: whole)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
+    p.add_argument("--haystacks", default="persuasion",
+                   help=f"comma-separated haystacks the niah_* tasks hide their needles in, from "
+                        f"{', '.join(HAYSTACKS)} (default persuasion); one run on another is reported as task@haystack")
     p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
     p.add_argument("--out", default=None, help="write the Markdown tables here (and <name>_accuracy.png, "
                    "<name>_budgets.png next to it)")
@@ -86,6 +90,7 @@ def canonical_command(args, tasks, contexts, compressions) -> str:
              f"--prompt-format {args.prompt_format} --seed {args.seed}"]
     parts += [f"--inner {args.inner}"] if args.engine == "compiled" else []
     parts += [f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else []
+    parts += [f"--haystacks {args.haystacks}"] if args.haystacks != "persuasion" else []
     parts += [f"--profile-dir {args.profile_dir}"] if args.profile_dir else []
     parts += [f"--threads {args.threads}"] if args.threads else []
     parts += [f"--json {args.json}"] if args.json else []
@@ -104,7 +109,8 @@ def run(args) -> int:
     compressions = split_list(args.compression, float, "compression")
     parse_methods(args.methods)
     protocols = tuple(split_list(args.protocol, str, "protocol"))
-    check_evaluation(tasks, contexts, args.samples, compressions, args.engine, protocols)
+    haystacks = tuple(split_list(args.haystacks, str, "haystacks"))
+    check_evaluation(tasks, contexts, args.samples, compressions, args.engine, protocols, haystacks)
     check_output(args.json, "json")
     check_output(args.out, "out")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
@@ -126,7 +132,7 @@ def run(args) -> int:
     results = evaluate(model, tokenizer, args.methods, tasks, contexts, args.samples, compressions, seed=args.seed,
                        progress=not args.no_progress, prompt_format=args.prompt_format, engine=args.engine,
                        protocols=protocols, inner=args.inner, prefill_chunk=args.prefill_chunk, rank=rank,
-                       world=world)
+                       world=world, haystacks=haystacks)
     results = gather(results, world)
     elapsed = time.perf_counter() - start
     if rank != 0:
