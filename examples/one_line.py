@@ -12,12 +12,10 @@ uncompressed cache.
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 import lukv_compile
-from lukv_compile.eval.methods import profile_path
 from lukv_compile.models import load_model
 from lukv_compile.tools.bench import passkey_prompt
 
@@ -27,7 +25,7 @@ parser.add_argument("--context", type=int, default=1024, help="prompt length in 
 parser.add_argument("--compression", type=float, default=0.8, help="fraction of the prompt's KV removed")
 parser.add_argument("--inner", default="aot_eager", choices=["inductor", "aot_eager", "eager"],
                     help="compiler the lukv backend hands the rewritten graph to")
-parser.add_argument("--profile", default=None, help="profile file (default: the one shipped for the model, if any)")
+parser.add_argument("--profile", default=None, help="profile file or 'uniform' (default: the model's own, found)")
 parser.add_argument("--max-new-tokens", type=int, default=16)
 args = parser.parse_args()
 
@@ -36,10 +34,9 @@ prompt, answers = passkey_prompt(tokenizer, args.context)
 inputs = tokenizer(prompt, return_tensors="pt")
 prompt_len = inputs.input_ids.shape[1]
 
-# Per-head budgets: the LU-KV SnapKV profile shipped for this model (a path or a Profile), or a file made
-# with `lukv profile`; None means the same budget for every head.
-shipped = profile_path(model, "snapkv")
-profile = Path(args.profile) if args.profile else shipped if shipped.exists() else None
+# Per-head budgets: None finds this model's own LU-KV profile (shipped, or made with `lukv profile`) by its
+# config fingerprint and says which; a path or a Profile picks one; "uniform" gives every head the same share.
+profile = args.profile
 
 # The one line. (In place instead: model.compile(backend="lukv", options={...}); model.generate(...).)
 compiled = torch.compile(model, backend="lukv",
@@ -55,7 +52,7 @@ answer = tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=Tru
 held = out.cache.nbytes()
 full = lukv_compile.full_cache_nbytes(model.config, 1, out.sequences.shape[1] - 1, model.dtype)
 print(f"prompt: {prompt_len} tokens, passkey {answers[0]}; compression {args.compression}, "
-      f"profile {profile.name if profile else 'uniform'}", flush=True)
+      f"{out.cache.profile.scorer} ranking on {out.cache.profile.scope} budgets", flush=True)
 print(f"answer: {answer!r} ({'found' if all(a in answer for a in answers) else 'missed'} the passkey)", flush=True)
 print(f"KV cache: {held / 2**20:.2f} MiB held vs {full / 2**20:.2f} MiB uncompressed ({held / full:.3f}x)",
       flush=True)

@@ -57,6 +57,7 @@ def test_one_line():
     assert_found(out, passkey)
     assert re.search(r"^answer: .* \(found the passkey\)$", out, re.M)
     assert "KV cache:" in out and ratios(out)[0] < 0.4
+    assert "keydiff ranking on global budgets" in out  # the shipped LU-KV profile, found without asking
 
 
 @pytest.mark.slow
