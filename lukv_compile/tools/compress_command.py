@@ -9,7 +9,7 @@ examples/compress_once_ask_many.py does this.
 Methods: `reconstruction` (default) ranks every token by what repeating the document needs
 (`compress_context`, measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2 CPU cores) with the
 shipped LU-KV budgets for that ranking when the model has them (else uniform budgets); `prompt` runs one
-compiled prefill and evicts by the profile's scorer (snapkv by default), as a prompt is compressed.
+compiled prefill and evicts by the profile's scorer (the model's own profile by default, as the one line finds it).
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def question_ids(tokenizer, question: str, answer_prefix: str = "") -> torch.Ten
     return torch.tensor(tokenizer.encode(after + answer_prefix, add_special_tokens=False))
 
 
-def default_profile(model, method: str) -> Profile | None:
-    """The shipped LU-KV profile for the method's ranking (reconstruction; snapkv for prompt), if there is one."""
+def reconstruction_profile(model) -> Profile:
+    """The shipped LU-KV profile of the reconstruction ranking for this model, else uniform budgets for it."""
     from lukv_compile.eval.methods import ProfileMissingError, shipped_profile
 
     try:
-        return shipped_profile(model, "reconstruction" if method == "reconstruction" else "snapkv")
+        return shipped_profile(model, "reconstruction")
     except ProfileMissingError:
-        return None
+        return Profile.uniform(*kv_shape(model.config)[:2], scorer="reconstruction")
 
 
 @torch.no_grad()
@@ -64,13 +64,10 @@ def compress_document(model, tokenizer, text: str, compression: float, method: s
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     ids = document_ids(tokenizer, text).to(model.device)
-    profile = profile if profile is not None else default_profile(model, method)
     if method == "reconstruction":
-        if profile is None:  # uniform budgets for this ranking
-            profile = Profile.uniform(*kv_shape(model.config)[:2], scorer="reconstruction")
-        cache = LUKVCache(model.config, profile=profile, compression=compression)
+        cache = LUKVCache(model.config, profile=profile or reconstruction_profile(model), compression=compression)
         compress_context(model, cache, ids, repeat_ids(tokenizer, text, chat=uses_chat(tokenizer)))
-    else:
+    else:  # no profile: the model's own, as the one line finds it
         cache = LUKVCache(model.config, profile=profile, compression=compression)
         torch.compile(model, backend="lukv", options={"inner": "eager"})(ids, cache=cache)
     return cache, ids
@@ -88,7 +85,8 @@ def add_compress(sub) -> None:
                    help="reconstruction: rank by what repeating the document needs (default); prompt: one "
                         "prefill evicted by the profile's scorer")
     p.add_argument("--profile", type=Path, default=None,
-                   help="LU-KV profile file (default: the shipped one for the method's ranking, else uniform)")
+                   help="LU-KV profile file (default: reconstruction: the shipped one for that ranking, else "
+                        "uniform; prompt: the model's own, found as the one line finds it)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype")
     p.set_defaults(func=run_compress)
 
