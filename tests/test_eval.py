@@ -10,6 +10,7 @@ from test_profiling import save_tiny_model
 from tiny_models import tiny_model
 
 from lukv_compile.eval import harness, methods, report
+from lukv_compile.eval import simulate as harness_simulate
 from lukv_compile.eval.harness import Result, evaluate, run_sample
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.profile import Profile
@@ -125,9 +126,37 @@ def test_oracle_runs_on_the_simulated_engine_only(model, capsys):
     assert [r.method for r in simulated] == ["full", "uniform:oracle", "adakv:oracle", "uniform:keydiff"]
     compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
     assert [r.method for r in compiled] == ["full", "uniform:keydiff"]
-    assert "skipped uniform:oracle: the oracle runs on the simulated engine only" in capsys.readouterr().out
+    assert "skipped uniform:oracle: the oracle, kvzip and global budgets run on the simulated engine only" in \
+        capsys.readouterr().out
     with pytest.raises(ValueError, match="only the simulated engine"):
         methods.make_cache("uniform:oracle", model, 0.8)
+
+
+def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads():
+    scores = torch.rand(2, 3, 40)
+    scores[1, 2, 10:30] += 10  # one head's middle tokens outrank every other head's
+    counts = torch.full((2, 3), 12)
+    got = harness_simulate.global_top_counts(scores, counts, sink=4, window=2)
+    assert got.sum() == counts.sum() and (got >= 6).all()  # same total; every head keeps its protected tokens
+    assert got[1, 2] >= 6 + 20 and got[1, 2] == got.max()  # that head takes all it outranks the others with
+
+
+def test_kvzip_two_by_two_runs_on_the_simulated_engine(model, tmp_path, monkeypatch):
+    """{reconstruction, kvzip} x {LU-KV budgets, global top-r}: the global rows keep as many tokens in all as
+    uniform budgets would; both need the agnostic protocol."""
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    tiny_profile(tmp_path, "reconstruction")
+    names = ["lukv:reconstruction", "lukv-reconstruction:kvzip", "global:reconstruction", "global:kvzip",
+             "uniform:kvzip"]
+    results = evaluate(model, CharTokenizer(), names, ["passkey"], [300], 1, [0.8], progress=False,
+                       prompt_format="plain")
+    kept = {r.method: r.kept for r in results}
+    assert [r.method for r in results] == names
+    assert kept["global:kvzip"] == pytest.approx(kept["global:reconstruction"])
+    assert kept["global:kvzip"] == pytest.approx(kept["uniform:kvzip"])  # one total, split by the scores
+    with pytest.raises(ValueError, match="agnostic only"):
+        evaluate(model, CharTokenizer(), ["global:kvzip"], ["passkey"], [300], 1, [0.8], progress=False,
+                 prompt_format="plain", protocols=("aware",))
 
 
 def test_samples_are_sharded_over_ranks(model):

@@ -23,7 +23,8 @@ import torch
 
 from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval.methods import (
-    ORACLE,
+    EVAL_ONLY_SCORERS,
+    KVZIP,
     RECONSTRUCTION,
     Method,
     ProfileMissingError,
@@ -188,8 +189,8 @@ def available_methods(model, names: list[str], engine: str) -> tuple[list[Method
         except ProfileMissingError as e:
             notes.append(f"skipped {name}: {e}")
             continue
-        if engine == "compiled" and method.scorer == ORACLE:
-            notes.append(f"skipped {name}: the oracle runs on the simulated engine only")
+        if engine == "compiled" and (method.scorer in EVAL_ONLY_SCORERS or method.global_top):
+            notes.append(f"skipped {name}: the oracle, kvzip and global budgets run on the simulated engine only")
             continue
         ranking = method.profile.scorer if method.profile is not None else None
         if engine == "compiled" and ranking == RECONSTRUCTION != method.scorer:
@@ -220,9 +221,9 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols, haystacks)
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
-    if "aware" in protocols and any(m.scorer == RECONSTRUCTION for m in chosen):
-        raise ValueError("the reconstruction scorer compresses the context before the question is seen: it runs "
-                         "with --protocol agnostic only")
+    if "aware" in protocols and any(m.scorer in (RECONSTRUCTION, KVZIP) for m in chosen):
+        raise ValueError("the reconstruction and kvzip scorers compress the context before the question is seen: "
+                         "they run with --protocol agnostic only")
     for note in notes if rank == 0 else []:
         print(note)
     runs = variants(chosen, compressions)

@@ -11,12 +11,15 @@ accuracy and memory differences come from the policy alone, not from the impleme
               lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
+              global         KVzip's selection: one top-r over every head's scores (the uniform budgets' total and
+                             protection; each head keeps what passes the one threshold). Simulated engine only
               tp<N>          LU-KV solved for N tensor-parallel shards (`lukv profile --shards N`): every shard's
                              kept tokens within 5% of the others' (the shipped <model>-<scorer>-tpN profile)
     scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
-              `lukv:reconstruction` uses the profile solved for that ranking)
+              `lukv:reconstruction` uses the profile solved for that ranking), or `kvzip`: KVzip's score of the
+              same reconstruction (the largest attention weight, no value-output norm, unpooled; simulated engine)
 
 plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
@@ -60,9 +63,11 @@ def shipped_profile(model, scorer: str, shards: int = 1) -> Profile:
     return profile
 
 
-BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored")
+BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", "global")
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
+KVZIP = "kvzip"
+EVAL_ONLY_SCORERS = (ORACLE, KVZIP)  # need the evaluation's question or reconstruction: the simulated engine
 ALIASES = {"streaming": "uniform:streaming"}
 
 
@@ -74,6 +79,7 @@ class Method:
     scorer: str
     profile: Profile | None  # None: the full cache
     adaptive: bool = False  # AdaKV's run-time split of each layer's total
+    global_top: bool = False  # KVzip's one top-r over every head instead of per-head budgets
 
 
 def tp_shards(budget: str) -> int:
@@ -86,12 +92,12 @@ def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
-    known_scorer = scorer in RANKINGS or scorer == ORACLE
+    known_scorer = scorer in RANKINGS or scorer in EVAL_ONLY_SCORERS
     known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS) or tp_shards(budget) > 1
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
                          f"{', '.join(BUDGETS)}, lukv-<scorer>, tp<N> (N >= 2) and scorer in {', '.join(RANKINGS)}, "
-                         f"{ORACLE}")
+                         f"{', '.join(EVAL_ONLY_SCORERS)}")
     return budget, scorer
 
 
@@ -103,8 +109,8 @@ def resolve(name: str, model) -> Method:
     layers, heads = layers_and_heads(model)
     # The oracle and reconstruction protect like the attention-free scorers (sink 4, last token); LU-KV budgets
     # keep their profile's.
-    protection = "keydiff" if scorer in (ORACLE, RECONSTRUCTION) else scorer
-    if budget in ("uniform", "adakv"):
+    protection = "keydiff" if scorer in (*EVAL_ONLY_SCORERS, RECONSTRUCTION) else scorer
+    if budget in ("uniform", "adakv", "global"):
         profile = Profile.uniform(layers, heads, scorer=protection)
     elif budget == "pyramid":
         profile = Profile.pyramid(layers, heads, scorer=protection)
@@ -114,7 +120,7 @@ def resolve(name: str, model) -> Method:
         profile = shipped_profile(model, scorer, tp_shards(budget))
     else:
         profile = shipped_profile(model, budget.partition("-")[2] or scorer)
-    return Method(name, scorer, profile, adaptive=budget == "adakv")
+    return Method(name, scorer, profile, adaptive=budget == "adakv", global_top=budget == "global")
 
 
 def standard_methods() -> list[str]:
@@ -143,8 +149,8 @@ def make_cache(name: str, model, compression: float) -> LUKVCache:
     method = resolve(name, model)
     if method.profile is None:
         return LUKVCache(model.config, compression=0.0)
-    if method.scorer == ORACLE:
-        raise ValueError(f"{name}: the oracle scorer needs the evaluation question; only the simulated engine "
-                         "runs it (lukv eval --engine simulated)")
+    if method.scorer in EVAL_ONLY_SCORERS or method.global_top:
+        raise ValueError(f"{name}: only the simulated engine runs it (lukv eval --engine simulated); the oracle "
+                         "needs the evaluation's question, kvzip and global budgets have no runtime policy")
     return LUKVCache(model.config, profile=method.profile, compression=compression,
                      policy="adakv" if method.adaptive else "lukv")

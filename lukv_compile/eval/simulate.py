@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lukv_compile.eval.methods import ORACLE, RECONSTRUCTION, Method
+from lukv_compile.eval.methods import KVZIP, ORACLE, RECONSTRUCTION, Method
 from lukv_compile.policy import scorers
 from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.policy.eviction import keep_mask
@@ -144,6 +144,20 @@ def simulating(model, cache: SimulatedCache) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def global_top_counts(scores: torch.Tensor, counts: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """[L, H] keep counts of KVzip's selection: as many tokens as `counts` keeps in all, each head's protected
+    (first `sink`, last `window`) tokens, and the rest by one top-r over every head's scores [L, H, P]."""
+    layers, heads, length = scores.shape
+    protected = min(sink + window, length)
+    evictable = scores.float().clone()
+    evictable[..., :sink] = float("-inf")
+    evictable[..., length - window:] = float("-inf")
+    chosen = evictable.flatten().topk(int(counts.sum()) - protected * layers * heads).indices
+    per_head = torch.zeros(layers * heads, dtype=torch.long).index_add_(0, chosen.cpu() // length,
+                                                                      torch.ones_like(chosen.cpu()))
+    return per_head.view(layers, heads) + protected
+
+
 def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
     """[R, L, H, P] keep masks: each variant's budgets and scorer, selected like the runtime selects."""
     masks = []
@@ -152,6 +166,8 @@ def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prom
         profile = m.profile
         budget = torch.as_tensor(keep_counts(profile, variant.compression, [prompt_len],
                                              profile.sink + profile.window)[0])  # [L, H]
+        if m.global_top:
+            budget = global_top_counts(s, budget, profile.sink, profile.window)
         valid = torch.ones_like(s, dtype=torch.bool)
         masks.append(keep_mask(s, valid, budget, sink=profile.sink, window=profile.window, adaptive=m.adaptive))
     return torch.stack(masks)
@@ -196,17 +212,22 @@ def simulate_sample(model, context_ids: list[int], question: list[int], variants
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-    reconstructed = any(v.method.scorer == RECONSTRUCTION for v in variants)
+    reconstructed = {v.method.scorer for v in variants} & {RECONSTRUCTION, KVZIP}
     if reconstructed and (protocol != "agnostic" or not reconstruction):
-        raise ValueError("the reconstruction scorer needs the agnostic protocol and the reconstruction token ids")
+        raise ValueError("the reconstruction and kvzip scorers need the agnostic protocol and the reconstruction "
+                         "token ids")
     prompt = context_ids + question if protocol == "aware" else context_ids
     record = record_prefill(model, torch.tensor([prompt]))
-    scores = {RECONSTRUCTION: reconstruction_utility(model, record, reconstruction)} if reconstructed else {}
+    scores = {}
+    if RECONSTRUCTION in reconstructed:
+        scores[RECONSTRUCTION] = reconstruction_utility(model, record, reconstruction)
+    if KVZIP in reconstructed:  # KVzip's own score: attention alone, unpooled
+        scores[KVZIP] = reconstruction_utility(model, record, reconstruction, pool=1, attention_only=True)
     full, importance = answer_with_oracle(model, record, question, protocol, stop_ids, max_new_tokens)
     if not variants:
         return SampleAnswers(full, [], [])
     ropes = scorers.layer_ropes(model.config)
-    ranked = {v.method.scorer for v in variants} - {ORACLE, RECONSTRUCTION}
+    ranked = {v.method.scorer for v in variants} - {ORACLE, RECONSTRUCTION, KVZIP}
     scores |= {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
     scores[ORACLE] = importance
     keep = variant_masks(variants, scores, len(prompt))  # [R, L, H, P]

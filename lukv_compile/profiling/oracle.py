@@ -163,12 +163,15 @@ def decode_importance(importance: torch.Tensor, query: torch.Tensor, key: torch.
         torch.maximum(importance, weighted.amax(dim=1).view(h_kv, -1, p).amax(dim=1), out=importance)
 
 
-def utility_hook(importance: torch.Tensor, record: PrefillRecord) -> Callable:
+def utility_hook(importance: torch.Tensor, record: PrefillRecord, attention_only: bool = False) -> Callable:
     """A `recording` hook folding every recorded forward's attention into importance [L, H_kv, P]
-    (`decode_importance` over the record's context, with its value-output weights and scalings)."""
+    (`decode_importance` over the record's context, with its value-output weights and scalings; with
+    `attention_only`, the attention weights alone, as KVzip scores)."""
     def hook(module, query, key, value, mask, scale):
         layer = _layer_index(module)
-        decode_importance(importance[layer], query, key, record.value_weights[layer], record.scaling[layer])
+        weights = record.value_weights[layer]
+        weights = torch.ones_like(weights) if attention_only else weights
+        decode_importance(importance[layer], query, key, weights, record.scaling[layer])
 
     return hook
 

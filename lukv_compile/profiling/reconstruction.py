@@ -78,15 +78,17 @@ def repeat_ids(tokenizer, context_text: str, chat: bool = True) -> list[int]:
 
 
 @torch.no_grad()
-def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int], pool: int = POOL) -> torch.Tensor:
+def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[int], pool: int = POOL,
+                           attention_only: bool = False) -> torch.Tensor:
     """[L, H_kv, P] float32: the oracle utility of `reconstruction` over the recorded context (its cache is
-    copied), max-pooled over `pool` neighbouring tokens (1: unpooled)."""
+    copied), max-pooled over `pool` neighbouring tokens (1: unpooled). attention_only: KVzip's score, the largest
+    attention weight any reconstruction query of the GQA group gives the token (no value-output norm)."""
     check_pool(pool)
     if not reconstruction:
         raise ValueError("the reconstruction token ids are empty")
     importance = torch.zeros(record.num_layers, record.num_kv_heads, record.context_len, device=record.k[0].device)
 
     cache = copy.deepcopy(record.cache)
-    with recording(model, utility_hook(importance, record)):
+    with recording(model, utility_hook(importance, record, attention_only)):
         model(input_ids=torch.tensor([reconstruction], device=record.k[0].device), cache=cache, logits_to_keep=1)
     return pool_prefix(importance, 0, pool)
