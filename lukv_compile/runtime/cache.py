@@ -49,8 +49,10 @@ class LUKVCache(Cache):
         settings: a `LUKVSettings`; or give its fields as keywords (profile, compression, scorer, sink,
             window, policy, evict, allow_other_model), validated the same way as the backend's options.
 
-    `profile` None means uniform budgets for `scorer` (default snapkv). A profile made for another model
-    (shape, or config fingerprint when the profile records one) is refused unless `allow_other_model=True`.
+    `profile` None means the model's own LU-KV profile, found by config fingerprint (lukv_compile/profiles), else
+    uniform budgets for `scorer` (default snapkv) with a warning; "uniform" asks for uniform budgets. A profile made
+    for another model (shape, or config fingerprint when the profile records one) is refused unless
+    `allow_other_model=True`.
     """
 
     def __init__(self, config, settings: LUKVSettings | None = None, **kwargs):
@@ -136,7 +138,7 @@ class LUKVCache(Cache):
                              "time, which no rank of a tensor-parallel model sees; use policy='lukv'")
         self.shard = shard
         self.num_kv_heads = self.shape[1] if shard is None else shard.stop - shard.start
-        if self.settings.profile is None:  # the model's own profile: the one solved for this many shards, if any
+        if self.settings.profile is None and self.profile.scope != "uniform":  # found: the one for this many shards
             same_ranking = dataclasses.replace(self.settings, scorer=self.profile.scorer)
             self.profile = resolve_profile(same_ranking, self.config, *self.shape[:2], shard.ranks if shard else 1)
         for layer in self.layers:
