@@ -184,7 +184,8 @@ def report_from_json(args) -> int:
     for run in runs:
         for row in run["results"]:
             result = Result(**row)
-            if result.task in tasks:  # a run repeated in two files (the full cache, say) counts once
+            # task@haystack is its task on another haystack; a run repeated in two files (the full cache) counts once
+            if result.task.partition("@")[0] in tasks:
                 rows.setdefault(result_key(result), result)
     results = list(rows.values())
     meta = dict(runs[0]["meta"])
