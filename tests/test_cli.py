@@ -19,6 +19,22 @@ def tiny_folder(tmp_path_factory):
 PROFILE_ARGS = ["--questions", "2", "--k-max", "3", "--context-tokens", "90", "--no-progress"]
 
 
+def test_profile_with_no_out_is_found_by_a_cache_given_no_profile(tiny_folder, tmp_path, monkeypatch):
+    """What the no-profile warning promises: `lukv profile MODEL` writes the default ranking's profile into the user's
+    folder, and a cache built without a profile then uses it."""
+    from transformers import AutoConfig
+
+    from lukv_compile import LUKVCache
+    from lukv_compile.profiles import PROFILE_DIR_ENV
+
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "mine"))
+    assert main(["profile", str(tiny_folder), *PROFILE_ARGS]) == 0
+    (written,) = (tmp_path / "mine").iterdir()
+    assert written.name == f"{tiny_folder.name.lower()}-keydiff.safetensors"
+    cache = LUKVCache(AutoConfig.from_pretrained(tiny_folder), compression=0.8)
+    assert np.array_equal(cache.profile.prune, Profile.load(written).prune) and cache.profile.scorer == "keydiff"
+
+
 def test_profile_inspect_solve_roundtrip(tiny_folder, tmp_path, capsys):
     out = tmp_path / "tiny-snapkv.safetensors"
     assert main(["profile", str(tiny_folder), "--scorer", "snapkv", "--out", str(out), "--save-curves",

@@ -24,7 +24,7 @@ _warned: set[tuple] = set()
 
 def model_argument(config) -> str:
     """What to pass `lukv profile` for this model: its registered name, its folder, or a placeholder."""
-    name = str(getattr(config, "name_or_path", "") or "")
+    name = _name(config)
     known = [short for short, spec in MODELS.items() if spec.model_id == name]
     if known:
         return known[0]

@@ -8,7 +8,6 @@ profile's budgets (computed over every head, then sliced: the same budgets as in
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 
 from lukv_compile.log import report_once
 from lukv_compile.profile import Profile
+from lukv_compile.profiles import shards_of
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,7 @@ def report_balance(profile: Profile, compression: float, shard: HeadShard) -> No
     spread = ", ".join(f"rank {r}: {share:.1%}" for r, share in enumerate(shares))
     report_once(f"lukv: tensor parallel over {shard.ranks} ranks, KV heads {shard.start}..{shard.stop - 1} here; "
                 f"share of the kept KV tokens at compression {compression:g}: {spread}")
-    try:
-        solved_for = json.loads(profile.calibration).get("shards", 1)
-    except (json.JSONDecodeError, AttributeError):  # uniform / pyramid profiles: solved for no shards
-        solved_for = 1
+    solved_for = shards_of(profile)
     if shares.max() > 1.05 * shares.min() and solved_for != shard.ranks:
         report_once(f"lukv: the profile's budgets put {shares.max() / shares.min():.2f}x more KV on the fullest rank "
                     f"than on the emptiest (it was solved for {solved_for} shard(s)): the fullest rank runs out of "

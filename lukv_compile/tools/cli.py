@@ -26,6 +26,7 @@ import numpy as np
 
 from lukv_compile.eval.report import save_heatmap
 from lukv_compile.profile import NUM_RATIOS, RANKINGS, Profile, ProfileError, check_ranking
+from lukv_compile.profiles import DEFAULT_RANKINGS
 from lukv_compile.profiling.reconstruction import POOL, PROFILE_POOL, PROMPT_FORMATS, check_pool
 from lukv_compile.tools import eval_command
 from lukv_compile.tools.bench import add_bench, add_demo
@@ -49,9 +50,10 @@ def add_profile(sub) -> None:
                        description="Oracle future utility on the calibration text -> per-head loss curves -> "
                                    "global budget sweep; one .safetensors profile per scorer.")
     p.add_argument("model", help="model name (smollm2, gemma3) or a path to a saved transformers model folder")
-    p.add_argument("--scorer", default="snapkv",
-                   help=f"scorer or comma-separated scorers, from: {', '.join(RANKINGS)} (default snapkv; "
-                        "reconstruction: the utility of repeating the context, applied by compress_context)")
+    p.add_argument("--scorer", default=DEFAULT_RANKINGS[0],
+                   help=f"scorer or comma-separated scorers, from: {', '.join(RANKINGS)} (default "
+                        f"{DEFAULT_RANKINGS[0]}, the ranking a cache given no profile prefers; reconstruction: the "
+                        "utility of repeating the context, applied by compress_context)")
     p.add_argument("--out", default=None,
                    help="output .safetensors file; with several scorers it must contain {scorer} (default: "
                         "<model>-{scorer}.safetensors in the user's profile folder, $LUKV_PROFILE_DIR or "
