@@ -33,7 +33,7 @@ from lukv_compile.eval.methods import (
     resolve,
 )
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
-from lukv_compile.eval.tasks import MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
+from lukv_compile.eval.tasks import HAYSTACK_TASKS, MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import check_compression
 from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, next_turn, repeat_ids
@@ -232,7 +232,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     stop_ids = set(eos_token_ids(model, tokenizer))
     mine = range(rank, samples, world)
     runs_of_tasks = [(task, haystack) for task in tasks
-                     for haystack in (haystacks if task.startswith("niah") else (DEFAULT_HAYSTACK,))]
+                     for haystack in (haystacks if task in HAYSTACK_TASKS else (DEFAULT_HAYSTACK,))]
     bar = _progress(len(context_tokens) * len(runs_of_tasks) * len(protocols) * len(mine), progress and rank == 0)
     results = []
     for length in context_tokens:

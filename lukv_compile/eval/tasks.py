@@ -60,6 +60,7 @@ MAX_NEW_TOKENS = {
     "frequent_words": 48,
     "niah_multiturn": 32,  # per question
 }
+HAYSTACK_TASKS = tuple(t for t in TASKS if t.startswith("niah"))  # the tasks `haystack=` changes
 MULTI_QUESTION_TASKS = {"niah_multiturn"}  # later questions in later turns: the compiled engine runs them
 TOLERANCE = 0.05  # contexts are guaranteed within this fraction of the requested token count
 _FIT_TARGET = 0.01  # what the length search aims for, well inside TOLERANCE
@@ -280,7 +281,7 @@ def _with_preamble(preamble: str, render: Callable[[int], str]) -> Callable[[int
 
 
 def _needle_sample(task: str, rng: random.Random, depth: float, tokenizer: Any, target: int, haystack: str) -> Sample:
-    filler = _noise() if task in ("passkey", "variable_tracking") else _haystack(haystack)
+    filler = _haystack(haystack) if task in HAYSTACK_TASKS else _noise()
     needles, (query, *followups) = _needles_and_queries(task, rng, depth)
     start = rng.choice(filler.sentence_starts)
     preamble = PREAMBLES["niah" if task.startswith("niah") else task]
