@@ -175,6 +175,7 @@ def test_demo_as_the_readme_runs_it():
     assert found, out
     ratio = float(re.search(r"^KV cache: .* \((\d+\.\d+)x\)$", out, re.M).group(1))
     assert ratio < 0.3, out
+    assert "compression 0.8, keydiff ranking on global budgets" in out  # the model's own LU-KV profile, found
 
 
 @pytest.mark.parametrize("method", ["reconstruction", "prompt"])

@@ -5,7 +5,8 @@ bench runs three instances of the model (loaded separately, so no compiled state
   static   transformers' StaticCache + torch.compile(model) with the same compiler and mode as lukv
            (--inner, default inductor; --mode): what a user compiles today;
   lukv     torch.compile(model, backend="lukv", options={"inner": ...}) with a LUKVCache holding the
-           shipped LU-KV SnapKV profile at --compression.
+           shipped LU-KV SnapKV profile at --compression (the profile the published bench rows used; `lukv demo`
+           runs the one line as users do: no profile, so the model's own is found).
 Per thread setting (Dynamo is reset and everything recompiles: inductor's CPU kernels are built for the
 thread count at compile time) and per context, on the same prompt:
   prefill    one warm-up prefill each (the compiled ones compile), then the median of --prefill-repeats,
@@ -88,11 +89,10 @@ def run_demo(args) -> None:
     model, tokenizer = load_model(args.model)
     prompt, answers = passkey_prompt(tokenizer, args.context)
     inputs = tokenizer(prompt, return_tensors="pt")
-    profile = shipped_profile(model)
     say(start_warm(model, args.inner))
     regional = not args.whole_model
-    compiled = torch.compile(model, backend="lukv", options={
-        "profile": profile, "compression": args.compression, "inner": args.inner, "regional": regional})
+    compiled = torch.compile(model, backend="lukv", options={  # no profile: the model's own, as the one line
+        "compression": args.compression, "inner": args.inner, "regional": regional})
     scope = "one decoder layer, shared by all" if regional else "the whole model"
     say(f"generating from a {inputs.input_ids.shape[1]}-token prompt (the first call compiles {scope}; "
         f"inner compiler {args.inner}) ...")
@@ -104,7 +104,8 @@ def run_demo(args) -> None:
     tokens = out.sequences.shape[1] - 1
     full = full_cache_nbytes(model.config, 1, tokens, model.dtype)
     found = all(a in answer for a in answers)
-    say(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}")
+    say(f"prompt: {inputs.input_ids.shape[1]} tokens with a passkey inside; compression {args.compression}, "
+        f"{out.cache.profile.scorer} ranking on {out.cache.profile.scope} budgets")
     say(f"answer: {answer.strip()!r}  ({'found' if found else 'missed'} the passkey {', '.join(answers)})")
     say(f"KV cache: {out.cache.nbytes() / 2**20:.2f} MiB vs {full / 2**20:.2f} MiB uncompressed "
         f"({out.cache.nbytes() / full:.3f}x)")
