@@ -25,14 +25,15 @@ def test_profile_with_no_out_is_found_by_a_cache_given_no_profile(tiny_folder, t
     from transformers import AutoConfig
 
     from lukv_compile import LUKVCache
-    from lukv_compile.profiles import PROFILE_DIR_ENV
+    from lukv_compile.profiles import DEFAULT_RANKINGS, PROFILE_DIR_ENV
 
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "mine"))
     assert main(["profile", str(tiny_folder), *PROFILE_ARGS]) == 0
     (written,) = (tmp_path / "mine").iterdir()
-    assert written.name == f"{tiny_folder.name.lower()}-keydiff.safetensors"
+    assert written.name == f"{tiny_folder.name.lower()}-{DEFAULT_RANKINGS[0]}.safetensors"
     cache = LUKVCache(AutoConfig.from_pretrained(tiny_folder), compression=0.8)
-    assert np.array_equal(cache.profile.prune, Profile.load(written).prune) and cache.profile.scorer == "keydiff"
+    assert np.array_equal(cache.profile.prune, Profile.load(written).prune)
+    assert cache.profile.scorer == DEFAULT_RANKINGS[0]
 
 
 def test_profile_inspect_solve_roundtrip(tiny_folder, tmp_path, capsys):
@@ -175,7 +176,9 @@ def test_demo_as_the_readme_runs_it():
     assert found, out
     ratio = float(re.search(r"^KV cache: .* \((\d+\.\d+)x\)$", out, re.M).group(1))
     assert ratio < 0.3, out
-    assert "compression 0.8, keydiff ranking on global budgets" in out  # the model's own LU-KV profile, found
+    from lukv_compile.profiles import DEFAULT_RANKINGS
+
+    assert f"compression 0.8, {DEFAULT_RANKINGS[0]} ranking on global budgets" in out  # the model's own profile, found
 
 
 @pytest.mark.parametrize("method", ["reconstruction", "prompt"])

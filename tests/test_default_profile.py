@@ -12,7 +12,7 @@ from tiny_models import tiny_model
 
 from lukv_compile import LUKVCache, LUKVWarning, Profile
 from lukv_compile.config import config_fingerprint
-from lukv_compile.profiles import PROFILE_DIR_ENV, SHIPPED_DIR, find_profile
+from lukv_compile.profiles import DEFAULT_RANKINGS, PROFILE_DIR_ENV, SHIPPED_DIR, find_profile
 from lukv_compile.runtime import default_profile
 from lukv_compile.runtime.sharding import HeadShard
 
@@ -44,8 +44,8 @@ def profile_for(config, scorer: str = "snapkv", shards: int = 1, seed: int = 0) 
 def test_a_shipped_model_gets_its_profile_without_asking():
     config = smollm2_config()
     cache = LUKVCache(config, compression=0.8)
-    shipped = Profile.load(SHIPPED_DIR / "smollm2-135m-instruct-keydiff.safetensors")
-    assert cache.profile.scorer == "keydiff" and np.array_equal(cache.profile.prune, shipped.prune)
+    shipped = Profile.load(SHIPPED_DIR / f"smollm2-135m-instruct-{DEFAULT_RANKINGS[0]}.safetensors")
+    assert cache.profile.scorer == DEFAULT_RANKINGS[0] and np.array_equal(cache.profile.prune, shipped.prune)
     # a scorer asked for picks that ranking's profile; an explicit profile or "uniform" overrides the lookup
     assert LUKVCache(config, compression=0.8, scorer="snapkv").profile.fingerprint == shipped.fingerprint
     assert LUKVCache(config, compression=0.8, scorer="snapkv").profile.scorer == "snapkv"

@@ -43,7 +43,7 @@ def test_smollm2_compressed_bytes(smollm2):
 def test_the_one_line_is_lukv_with_the_shipped_profile_said_once(smollm2, caplog, monkeypatch):
     from lukv_compile import log
     from lukv_compile.profile import Profile
-    from lukv_compile.profiles import SHIPPED_DIR
+    from lukv_compile.profiles import DEFAULT_RANKINGS, SHIPPED_DIR
 
     monkeypatch.setattr(log, "_reported", set())  # what this process has said so far does not count
     model, tokenizer = smollm2
@@ -52,9 +52,10 @@ def test_the_one_line_is_lukv_with_the_shipped_profile_said_once(smollm2, caplog
     with caplog.at_level("WARNING", logger="lukv_compile"):
         for _ in range(2):
             out = compiled.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    shipped = Profile.load(SHIPPED_DIR / "smollm2-135m-instruct-keydiff.safetensors")
-    assert out.cache.profile.scorer == "keydiff" and (out.cache.profile.prune == shipped.prune).all()
+    name = f"smollm2-135m-instruct-{DEFAULT_RANKINGS[0]}.safetensors"
+    shipped = Profile.load(SHIPPED_DIR / name)
+    assert out.cache.profile.scorer == DEFAULT_RANKINGS[0] and (out.cache.profile.prune == shipped.prune).all()
     said = [r.getMessage() for r in caplog.records if "found by the model's config fingerprint" in r.getMessage()]
-    assert len(said) == 1 and "smollm2-135m-instruct-keydiff.safetensors" in said[0], said
+    assert len(said) == 1 and name in said[0], said
     kept = [len(p) for layer in out.cache.layers for p in layer.kept_positions()[0]]
     assert len(set(kept)) > 10  # per-head budgets, not one share for every head
