@@ -132,6 +132,23 @@ def test_oracle_runs_on_the_simulated_engine_only(model, capsys):
         methods.make_cache("uniform:oracle", model, 0.8)
 
 
+def test_borrowed_budgets_run_on_the_simulated_engine_only(model, capsys, tmp_path, monkeypatch):
+    """A cache ranks with its own profile's ranking: `lukv-keydiff:snapkv` on the compiled engine would silently be
+    `lukv:keydiff`, so it is skipped there, said, and refused by make_cache."""
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    tiny_profile(tmp_path, "keydiff")
+    args = dict(methods=["full", "lukv-keydiff:snapkv", "lukv-keydiff:keydiff"], tasks=["passkey"],
+                context_tokens=[300], samples=1, compressions=[0.8], progress=False, prompt_format="plain")
+    simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
+    assert [r.method for r in simulated] == ["full", "lukv-keydiff:snapkv", "lukv-keydiff:keydiff"]
+    compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
+    assert [r.method for r in compiled] == ["full", "lukv-keydiff:keydiff"]
+    assert "skipped lukv-keydiff:snapkv: a cache ranks with its profile's own ranking (keydiff)" in \
+        capsys.readouterr().out
+    with pytest.raises(ValueError, match="only the simulated engine"):
+        methods.make_cache("lukv-keydiff:snapkv", model, 0.8)
+
+
 def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads():
     scores = torch.rand(2, 3, 40)
     scores[1, 2, 10:30] += 10  # one head's middle tokens outrank every other head's

@@ -28,6 +28,7 @@ from lukv_compile.eval.methods import (
     RECONSTRUCTION,
     Method,
     ProfileMissingError,
+    borrows_budgets,
     make_cache,
     parse_methods,
     resolve,
@@ -192,10 +193,11 @@ def available_methods(model, names: list[str], engine: str) -> tuple[list[Method
         if engine == "compiled" and (method.scorer in EVAL_ONLY_SCORERS or method.global_top):
             notes.append(f"skipped {name}: the oracle, kvzip and global budgets run on the simulated engine only")
             continue
-        ranking = method.profile.scorer if method.profile is not None else None
-        if engine == "compiled" and ranking == RECONSTRUCTION != method.scorer:
-            notes.append(f"skipped {name}: a cache holding a reconstruction profile is filled by compress_context "
-                         "only, so it runs with the reconstruction ranking (other rankings: simulated engine only)")
+        if engine == "compiled" and borrows_budgets(method):
+            why = ("a cache holding a reconstruction profile is filled by compress_context only, so it runs with the "
+                   "reconstruction ranking" if method.profile.scorer == RECONSTRUCTION else
+                   f"a cache ranks with its profile's own ranking ({method.profile.scorer})")
+            notes.append(f"skipped {name}: {why} (other rankings on these budgets: simulated engine only)")
             continue
         ok.append(method)
     return ok, notes

@@ -8,7 +8,9 @@ accuracy and memory differences come from the policy alone, not from the impleme
               pyramid        PyramidKV: keep fraction falling linearly with depth (1.5x -> 0.5x the mean)
               adakv          AdaKV: per-layer totals of uniform, split over the heads by score at run time
               lukv           LU-KV: per-head budgets of the shipped offline profile made for this scorer
-              lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle)
+              lukv-<s>       the budgets of the shipped profile made for scorer <s> (e.g. lukv-keydiff:oracle);
+                             ranked by another runtime scorer: simulated engine only (a cache ranks with its
+                             profile's own ranking)
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
               global         KVzip's selection: one top-r over every head's scores (the uniform budgets' total and
@@ -144,13 +146,21 @@ def parse_methods(text: str | list[str]) -> list[str]:
     return names
 
 
+def borrows_budgets(method: Method) -> bool:
+    """True for budgets of one ranking's profile ranked by another (`lukv-keydiff:snapkv`): a cache ranks with its
+    profile's own ranking, so only the simulated engine runs them (a reconstruction-ranked method is filled by
+    compress_context, which ranks by reconstruction on any budgets)."""
+    return method.profile is not None and method.scorer not in (method.profile.scorer, RECONSTRUCTION)
+
+
 def make_cache(name: str, model, compression: float) -> LUKVCache:
     """The LUKVCache that runs method `name` on the compiled path (the full cache ignores `compression`)."""
     method = resolve(name, model)
     if method.profile is None:
         return LUKVCache(model.config, compression=0.0)
-    if method.scorer in EVAL_ONLY_SCORERS or method.global_top:
+    if method.scorer in EVAL_ONLY_SCORERS or method.global_top or borrows_budgets(method):
         raise ValueError(f"{name}: only the simulated engine runs it (lukv eval --engine simulated); the oracle "
-                         "needs the evaluation's question, kvzip and global budgets have no runtime policy")
+                         "needs the evaluation's question, kvzip and global budgets have no runtime policy, and a "
+                         "cache ranks with its own profile's ranking")
     return LUKVCache(model.config, profile=method.profile, compression=compression,
                      policy="adakv" if method.adaptive else "lukv")
