@@ -119,34 +119,24 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
     assert all(r.kv_ratio is not None and r.kept is None for r in compiled)
 
 
-def test_oracle_runs_on_the_simulated_engine_only(model, capsys):
-    args = dict(methods=["full", "uniform:oracle", "adakv:oracle", "uniform:keydiff"], tasks=["passkey"],
-                context_tokens=[300], samples=1, compressions=[0.8], progress=False, prompt_format="plain")
-    simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
-    assert [r.method for r in simulated] == ["full", "uniform:oracle", "adakv:oracle", "uniform:keydiff"]
-    compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
-    assert [r.method for r in compiled] == ["full", "uniform:keydiff"]
-    assert "skipped uniform:oracle: the oracle, kvzip and global budgets run on the simulated engine only" in \
-        capsys.readouterr().out
-    with pytest.raises(ValueError, match="only the simulated engine"):
-        methods.make_cache("uniform:oracle", model, 0.8)
-
-
-def test_borrowed_budgets_run_on_the_simulated_engine_only(model, capsys, tmp_path, monkeypatch):
-    """A cache ranks with its own profile's ranking: `lukv-keydiff:snapkv` on the compiled engine would silently be
-    `lukv:keydiff`, so it is skipped there, said, and refused by make_cache."""
+@pytest.mark.parametrize("skipped, runs, note", [
+    ("uniform:oracle", "uniform:keydiff", "the oracle, kvzip and global budgets run on the simulated engine only"),
+    # a cache ranks with its own profile's ranking: on the compiled engine this would silently be lukv:keydiff
+    ("lukv-keydiff:snapkv", "lukv-keydiff:keydiff", "a cache ranks with its profile's own ranking (keydiff)"),
+])
+def test_simulated_only_methods_are_skipped_on_the_compiled_engine(skipped, runs, note, model, capsys, tmp_path,
+                                                                   monkeypatch):
     monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
     tiny_profile(tmp_path, "keydiff")
-    args = dict(methods=["full", "lukv-keydiff:snapkv", "lukv-keydiff:keydiff"], tasks=["passkey"],
-                context_tokens=[300], samples=1, compressions=[0.8], progress=False, prompt_format="plain")
+    args = dict(methods=["full", skipped, runs], tasks=["passkey"], context_tokens=[300], samples=1,
+                compressions=[0.8], progress=False, prompt_format="plain")
     simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
-    assert [r.method for r in simulated] == ["full", "lukv-keydiff:snapkv", "lukv-keydiff:keydiff"]
+    assert [r.method for r in simulated] == ["full", skipped, runs]
     compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
-    assert [r.method for r in compiled] == ["full", "lukv-keydiff:keydiff"]
-    assert "skipped lukv-keydiff:snapkv: a cache ranks with its profile's own ranking (keydiff)" in \
-        capsys.readouterr().out
+    assert [r.method for r in compiled] == ["full", runs]
+    assert f"skipped {skipped}: {note}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="only the simulated engine"):
-        methods.make_cache("lukv-keydiff:snapkv", model, 0.8)
+        methods.make_cache(skipped, model, 0.8)
 
 
 def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads():
