@@ -93,8 +93,10 @@ def test_a_profile_in_the_user_folder_is_found_and_wins_over_the_shipped_one(use
 
 def test_rankings_are_preferred_in_the_measured_order_and_reconstruction_never(user_dir):
     config = tiny_model("llama", layers=2, kv_heads=2).config
-    for scorer in ("reconstruction", "snapkv", "keydiff"):
+    for scorer in ("reconstruction", "snapkv", "keydiff", "window_expected_attention"):
         profile_for(config, scorer).save(user_dir / f"tiny-{scorer}.safetensors")
+    assert find_profile(config).profile.scorer == "window_expected_attention"
+    (user_dir / "tiny-window_expected_attention.safetensors").unlink()
     assert find_profile(config).profile.scorer == "keydiff"
     assert find_profile(config, scorer="snapkv").profile.scorer == "snapkv"
     assert find_profile(config, scorer="reconstruction") is None
