@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lukv_compile.policy.budgets import adaptive_keep, keep_counts, layer_keep_counts
+from lukv_compile.policy.budgets import adaptive_keep, global_keep_counts, keep_counts, layer_keep_counts
 from lukv_compile.policy.scorers import SCORERS, Rope, score
 from lukv_compile.policy.selection import protect_and_mask, select_tokens
 from lukv_compile.profile import Profile, ProfileError, ratio_row
@@ -199,3 +199,12 @@ def test_floored_profile_keeps_totals_and_lifts_starved_heads():
     assert "floored 0.2" in floored.scope and profile.floored(0.0).prune.tolist() == profile.prune.tolist()
     with pytest.raises(ValueError, match="floor share must be in"):
         profile.floored(1.5)
+
+
+def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads():
+    scores = torch.rand(2, 3, 40)
+    scores[1, 2, 10:30] += 10  # one head's middle tokens outrank every other head's
+    counts = torch.full((2, 3), 12)
+    got = global_keep_counts(scores, counts, sink=4, window=2)
+    assert got.sum() == counts.sum() and (got >= 6).all()  # same total; every head keeps its protected tokens
+    assert got[1, 2] >= 6 + 20 and got[1, 2] == got.max()  # that head takes all it outranks the others with

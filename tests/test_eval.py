@@ -10,7 +10,6 @@ from test_profiling import save_tiny_model
 from tiny_models import tiny_model
 
 from lukv_compile.eval import harness, methods, report
-from lukv_compile.eval import simulate as harness_simulate
 from lukv_compile.eval.harness import Result, evaluate, run_sample
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.profile import Profile
@@ -120,7 +119,9 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
 
 
 @pytest.mark.parametrize("skipped, runs, note", [
-    ("uniform:oracle", "uniform:keydiff", "the oracle, kvzip and global budgets run on the simulated engine only"),
+    ("uniform:oracle", "uniform:keydiff", "the oracle needs the evaluation's question (simulated engine only)"),
+    # one top-r over every layer needs every layer's scores first: compress_context's scorings only
+    ("global:keydiff", "uniform:keydiff", "global budgets need every layer's scores before any is kept"),
     # a cache ranks with its own profile's ranking: on the compiled engine this would silently be lukv:keydiff
     ("lukv-keydiff:snapkv", "lukv-keydiff:keydiff", "a cache ranks with its profile's own ranking (keydiff)"),
 ])
@@ -137,15 +138,6 @@ def test_simulated_only_methods_are_skipped_on_the_compiled_engine(skipped, runs
     assert f"skipped {skipped}: {note}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="only the simulated engine"):
         methods.make_cache(skipped, model, 0.8)
-
-
-def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads():
-    scores = torch.rand(2, 3, 40)
-    scores[1, 2, 10:30] += 10  # one head's middle tokens outrank every other head's
-    counts = torch.full((2, 3), 12)
-    got = harness_simulate.global_top_counts(scores, counts, sink=4, window=2)
-    assert got.sum() == counts.sum() and (got >= 6).all()  # same total; every head keeps its protected tokens
-    assert got[1, 2] >= 6 + 20 and got[1, 2] == got.max()  # that head takes all it outranks the others with
 
 
 def test_kvzip_two_by_two_runs_on_the_simulated_engine(model, tmp_path, monkeypatch):

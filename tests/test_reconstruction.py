@@ -11,10 +11,11 @@ from lukv_compile.eval import methods
 from lukv_compile.eval.harness import evaluate
 from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.profiling.oracle import record_prefill
-from lukv_compile.profiling.reconstruction import POOL, reconstruction_utility, repeat_ids
+from lukv_compile.profiling.reconstruction import POOL, context_utility, reconstruction_utility, repeat_ids
 from lukv_compile.runtime.compress_context import compress_context
 
-RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction"]
+RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction",
+                 "global:reconstruction", "uniform:kvzip", "lukv-reconstruction:kvzip", "global:kvzip"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def context(n: int = 200, seed: int = 0) -> torch.Tensor:
 
 
 def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, monkeypatch):
-    """`compress_context` + the compiled model answers as the simulated engine's reconstruction rows do."""
+    """`compress_context` + the compiled model answers as the simulated engine's rows do, for both scorings
+    (reconstruction, kvzip) on per-head budgets and under KVzip's global selection."""
     monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
     tiny_profile(tmp_path, "keydiff")
     tiny_profile(tmp_path, "reconstruction")
@@ -38,11 +40,12 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
     simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
     compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
     key = lambda r: (r.sample, r.method, r.compression)  # noqa: E731
-    assert len(simulated) == len(compiled) == 2 * (1 + 2 * 5)
+    assert len(simulated) == len(compiled) == 2 * (1 + 2 * (1 + len(RECONSTRUCTED)))
     assert {key(r): r.answer for r in simulated} == {key(r): r.answer for r in compiled}
     answers = {key(r): r.answer for r in simulated}
-    assert any(answers[s, "uniform:reconstruction", c] != answers[s, "uniform:keydiff", c]
-               for s in (0, 1) for c in (0.5, 0.8)), "the ranking should matter"
+    for other in ("uniform:keydiff", "uniform:kvzip", "global:reconstruction"):
+        assert any(answers[s, "uniform:reconstruction", c] != answers[s, other, c]
+                   for s in (0, 1) for c in (0.5, 0.8)), f"the scoring and selection should matter ({other})"
     assert all(r.kv_ratio < 0.8 for r in compiled if r.method in RECONSTRUCTED and r.compression == 0.5)
 
 
@@ -64,6 +67,26 @@ def test_the_cache_keeps_each_heads_budget_of_top_reconstruction_tokens(model):
             dropped = [j for j in range(4, 199) if j not in kept]
             assert min(scores[chosen]) >= max(scores[dropped])
     assert cache.nbytes() < 0.5 * 2 * 2 * 2 * 200 * 16 * 4  # layers x K/V x heads x tokens x dim x fp32
+
+
+def test_global_selection_keeps_the_budgets_total_above_one_threshold_over_every_head(model):
+    """KVzip's selection: as many tokens in all as the per-head budgets, each head's protected ones, and the rest
+    by one threshold on KVzip's score across every head of every layer (so the heads' counts differ)."""
+    ids = context(seed=5)
+    reconstruction = (torch.arange(10) + 3).tolist() + ids[0].tolist()
+    cache = LUKVCache(model.config, compression=0.7, scorer="keydiff")
+    compress_context(model, cache, ids, reconstruction, scoring="kvzip", selection="global")
+    scores = context_utility(model, record_prefill(model, ids), reconstruction, "kvzip")
+    budgets = np.stack([layer.budget(np.array([200]))[0] for layer in cache.layers])
+    kept = [[set(p.tolist()) for p in layer.kept_positions()[0]] for layer in cache.layers]
+    counts = np.array([[len(k) for k in heads] for heads in kept])
+    assert counts.sum() == budgets.sum() and len(set(counts.flatten().tolist())) > 1
+    chosen, dropped = [], []
+    for (i, h), _ in np.ndenumerate(counts):
+        assert {0, 1, 2, 3, 199} <= kept[i][h]
+        chosen += [scores[i, h, j] for j in range(4, 199) if j in kept[i][h]]
+        dropped += [scores[i, h, j] for j in range(4, 199) if j not in kept[i][h]]
+    assert min(chosen) >= max(dropped)
 
 
 def test_the_ranking_is_each_tokens_best_utility_over_its_neighbours(model):
@@ -111,6 +134,13 @@ def test_bad_calls_raise_before_work(model):
         compress_context(model, object(), ids, [5])
     with pytest.raises(ValueError, match="empty"):
         compress_context(model, cache, ids, [])
+    with pytest.raises(ValueError, match="unknown context scoring 'h2o'; allowed: reconstruction, kvzip"):
+        compress_context(model, cache, ids, [5], scoring="h2o")
+    with pytest.raises(ValueError, match="unknown selection 'layer'; allowed: budgets, global"):
+        compress_context(model, cache, ids, [5], selection="layer")
+    adakv = LUKVCache(model.config, compression=0.5, scorer="keydiff", policy="adakv")
+    with pytest.raises(ValueError, match="AdaKV's policy splits each layer's"):
+        compress_context(model, adakv, ids, [5], selection="global")
     compress_context(model, cache, ids, [5])
     with pytest.raises(ValueError, match="empty LUKVCache"):
         compress_context(model, cache, ids, [5])

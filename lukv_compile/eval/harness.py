@@ -23,15 +23,13 @@ import torch
 
 from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval.methods import (
-    EVAL_ONLY_SCORERS,
-    KVZIP,
-    RECONSTRUCTION,
+    RECONSTRUCTED,
     Method,
     ProfileMissingError,
-    borrows_budgets,
     make_cache,
     parse_methods,
     resolve,
+    simulated_only,
 )
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import HAYSTACK_TASKS, MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
@@ -111,17 +109,19 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
 @torch.no_grad()
 def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int],
                prefill_chunk: int | None = None, protocol: str = "agnostic",
-               reconstruct: bool = False) -> Generation:
+               reconstruct: tuple[str, str] | None = None) -> Generation:
     """Prefill + evict (in chunks of `prefill_chunk`, if given; with the question for `aware`), the
     question in one forward (`agnostic`), then greedy decoding until a stop token; then each follow-up question
-    in one forward after the answer, on the same cache, and its greedy answer."""
+    in one forward after the answer, on the same cache, and its greedy answer.
+
+    reconstruct: (scoring, selection) to fill the cache with compress_context instead of the compiled prefill."""
     device = model.device
     question = torch.tensor([prompt.question_ids], device=device)
     ids = prompt.context_ids.to(device)
     if protocol == "aware":
         ids = torch.cat([ids, question], dim=1)
     if reconstruct:  # the context ranked by its reconstruction (an uncompiled pass), then the compiled model
-        compress_context(model, cache, ids, prompt.reconstruction)
+        compress_context(model, cache, ids, prompt.reconstruction, *reconstruct)
     else:
         logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
     if protocol == "agnostic":
@@ -190,14 +190,9 @@ def available_methods(model, names: list[str], engine: str) -> tuple[list[Method
         except ProfileMissingError as e:
             notes.append(f"skipped {name}: {e}")
             continue
-        if engine == "compiled" and (method.scorer in EVAL_ONLY_SCORERS or method.global_top):
-            notes.append(f"skipped {name}: the oracle, kvzip and global budgets run on the simulated engine only")
-            continue
-        if engine == "compiled" and borrows_budgets(method):
-            why = ("a cache holding a reconstruction profile is filled by compress_context only, so it runs with the "
-                   "reconstruction ranking" if method.profile.scorer == RECONSTRUCTION else
-                   f"a cache ranks with its profile's own ranking ({method.profile.scorer})")
-            notes.append(f"skipped {name}: {why} (other rankings on these budgets: simulated engine only)")
+        why = simulated_only(method) if engine == "compiled" else None
+        if why is not None:
+            notes.append(f"skipped {name}: {why} (simulated engine only)")
             continue
         ok.append(method)
     return ok, notes
@@ -223,7 +218,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols, haystacks)
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
-    if "aware" in protocols and any(m.scorer in (RECONSTRUCTION, KVZIP) for m in chosen):
+    if "aware" in protocols and any(m.scorer in RECONSTRUCTED for m in chosen):
         raise ValueError("the reconstruction and kvzip scorers compress the context before the question is seen: "
                          "they run with --protocol agnostic only")
     for note in notes if rank == 0 else []:
@@ -275,13 +270,20 @@ def simulated_results(model, tokenizer, sample: Sample, prompt: Prompt, runs: li
     return out
 
 
+def reconstruct_args(method: Method) -> tuple[str, str] | None:
+    """compress_context's (scoring, selection) for a method scored by the context's reconstruction, else None."""
+    if method.scorer not in RECONSTRUCTED:
+        return None
+    return method.scorer, "global" if method.global_top else "budgets"
+
+
 def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt, runs: list[Variant], where: tuple,
                      stop_ids: set[int], prefill_chunk: int | None) -> list[Result]:
     out = []
     for variant in runs:
         cache = make_cache(variant.method.name, model, variant.compression)
         g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0],
-                       reconstruct=variant.method.scorer == RECONSTRUCTION)
+                       reconstruct=reconstruct_args(variant.method))
         texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in [g.tokens, *g.later]]
         turns = [score(asked, text) for asked, text in zip([sample, *sample.followups], texts, strict=True)]
         steps = g.step_seconds[WARMUP_STEPS:]

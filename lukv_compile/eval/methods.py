@@ -14,14 +14,16 @@ accuracy and memory differences come from the policy alone, not from the impleme
               floored        LU-KV with a floor: every head keeps at least FLOOR_SHARE of the uniform budget
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
               global         KVzip's selection: one top-r over every head's scores (the uniform budgets' total and
-                             protection; each head keeps what passes the one threshold). Simulated engine only
+                             protection; each head keeps what passes the one threshold). On the compiled engine
+                             with the reconstruction or kvzip scoring only (compress_context's selection 'global')
               tp<N>          LU-KV solved for N tensor-parallel shards (`lukv profile --shards N`): every shard's
                              kept tokens within 5% of the others' (the shipped <model>-<scorer>-tpN profile)
     scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
               of the actual question (a query-aware ceiling; the simulated engine only), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
               `lukv:reconstruction` uses the profile solved for that ranking), or `kvzip`: KVzip's score of the
-              same reconstruction (the largest attention weight, no value-output norm, unpooled; simulated engine)
+              same reconstruction (the largest attention weight, no value-output norm, unpooled). Both fill the
+              compiled engine's cache through compress_context, on any budgets
 
 plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 from lukv_compile.config import config_fingerprint
 from lukv_compile.profile import RANKINGS, RECONSTRUCTION, SCORERS, Profile
 from lukv_compile.profiles import SHIPPED_DIR, profile_file_name
+from lukv_compile.profiling.reconstruction import KVZIP
 from lukv_compile.runtime.cache import LUKVCache
 
 PROFILE_DIR = SHIPPED_DIR  # `lukv eval --profile-dir` and tests point it elsewhere
@@ -68,8 +71,7 @@ def shipped_profile(model, scorer: str, shards: int = 1) -> Profile:
 BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", "global")
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
-KVZIP = "kvzip"
-EVAL_ONLY_SCORERS = (ORACLE, KVZIP)  # need the evaluation's question or reconstruction: the simulated engine
+RECONSTRUCTED = (RECONSTRUCTION, KVZIP)  # scorings of the context's reconstruction: compress_context fills the cache
 ALIASES = {"streaming": "uniform:streaming"}
 
 
@@ -94,12 +96,12 @@ def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
-    known_scorer = scorer in RANKINGS or scorer in EVAL_ONLY_SCORERS
+    known_scorer = scorer in RANKINGS or scorer in (ORACLE, KVZIP)
     known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS) or tp_shards(budget) > 1
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
                          f"{', '.join(BUDGETS)}, lukv-<scorer>, tp<N> (N >= 2) and scorer in {', '.join(RANKINGS)}, "
-                         f"{', '.join(EVAL_ONLY_SCORERS)}")
+                         f"{ORACLE}, {KVZIP}")
     return budget, scorer
 
 
@@ -111,7 +113,7 @@ def resolve(name: str, model) -> Method:
     layers, heads = layers_and_heads(model)
     # The oracle and reconstruction protect like the attention-free scorers (sink 4, last token); LU-KV budgets
     # keep their profile's.
-    protection = "keydiff" if scorer in (*EVAL_ONLY_SCORERS, RECONSTRUCTION) else scorer
+    protection = "keydiff" if scorer in (ORACLE, *RECONSTRUCTED) else scorer
     if budget in ("uniform", "adakv", "global"):
         profile = Profile.uniform(layers, heads, scorer=protection)
     elif budget == "pyramid":
@@ -148,9 +150,23 @@ def parse_methods(text: str | list[str]) -> list[str]:
 
 def borrows_budgets(method: Method) -> bool:
     """True for budgets of one ranking's profile ranked by another (`lukv-keydiff:snapkv`): a cache ranks with its
-    profile's own ranking, so only the simulated engine runs them (a reconstruction-ranked method is filled by
-    compress_context, which ranks by reconstruction on any budgets)."""
-    return method.profile is not None and method.scorer not in (method.profile.scorer, RECONSTRUCTION)
+    profile's own ranking, so only the simulated engine runs them (a method scored by reconstruction or kvzip is
+    filled by compress_context, which scores the context itself on any budgets)."""
+    return method.profile is not None and method.scorer not in (method.profile.scorer, *RECONSTRUCTED)
+
+
+def simulated_only(method: Method) -> str | None:
+    """Why only the simulated engine runs `method`, or None when a LUKVCache runs it on the compiled path."""
+    if method.scorer == ORACLE:
+        return "the oracle needs the evaluation's question"
+    if method.global_top and method.scorer not in RECONSTRUCTED:
+        return ("global budgets need every layer's scores before any is kept: only compress_context's scorings "
+                f"({', '.join(RECONSTRUCTED)}) have them")
+    if borrows_budgets(method):
+        if method.profile.scorer == RECONSTRUCTION:
+            return "a cache holding a reconstruction profile is filled by compress_context only (reconstruction, kvzip)"
+        return f"a cache ranks with its profile's own ranking ({method.profile.scorer})"
+    return None
 
 
 def make_cache(name: str, model, compression: float) -> LUKVCache:
@@ -158,9 +174,8 @@ def make_cache(name: str, model, compression: float) -> LUKVCache:
     method = resolve(name, model)
     if method.profile is None:
         return LUKVCache(model.config, compression=0.0)
-    if method.scorer in EVAL_ONLY_SCORERS or method.global_top or borrows_budgets(method):
-        raise ValueError(f"{name}: only the simulated engine runs it (lukv eval --engine simulated); the oracle "
-                         "needs the evaluation's question, kvzip and global budgets have no runtime policy, and a "
-                         "cache ranks with its own profile's ranking")
+    why = simulated_only(method)
+    if why is not None:
+        raise ValueError(f"{name}: only the simulated engine runs it (lukv eval --engine simulated): {why}")
     return LUKVCache(model.config, profile=method.profile, compression=compression,
                      policy="adakv" if method.adaptive else "lukv")

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lukv_compile.eval.methods import KVZIP, ORACLE, RECONSTRUCTION, Method
+from lukv_compile.eval.methods import ORACLE, RECONSTRUCTED, Method
 from lukv_compile.policy import scorers
-from lukv_compile.policy.budgets import keep_counts
+from lukv_compile.policy.budgets import global_keep_counts, keep_counts
 from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording, utility_hook
-from lukv_compile.profiling.reconstruction import reconstruction_utility
+from lukv_compile.profiling.reconstruction import context_utility
 
 PROTOCOLS = ("agnostic", "aware")
 SIMULATION_IMPL = "lukv_simulation"
@@ -144,20 +144,6 @@ def simulating(model, cache: SimulatedCache) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def global_top_counts(scores: torch.Tensor, counts: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """[L, H] keep counts of KVzip's selection: as many tokens as `counts` keeps in all, each head's protected
-    (first `sink`, last `window`) tokens, and the rest by one top-r over every head's scores [L, H, P]."""
-    layers, heads, length = scores.shape
-    protected = min(sink + window, length)
-    evictable = scores.float().clone()
-    evictable[..., :sink] = float("-inf")
-    evictable[..., length - window:] = float("-inf")
-    chosen = evictable.flatten().topk(int(counts.sum()) - protected * layers * heads).indices
-    per_head = torch.zeros(layers * heads, dtype=torch.long).index_add_(0, chosen.cpu() // length,
-                                                                      torch.ones_like(chosen.cpu()))
-    return per_head.view(layers, heads) + protected
-
-
 def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prompt_len: int) -> torch.Tensor:
     """[R, L, H, P] keep masks: each variant's budgets and scorer, selected like the runtime selects."""
     masks = []
@@ -167,7 +153,7 @@ def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prom
         budget = torch.as_tensor(keep_counts(profile, variant.compression, [prompt_len],
                                              profile.sink + profile.window)[0])  # [L, H]
         if m.global_top:
-            budget = global_top_counts(s, budget, profile.sink, profile.window)
+            budget = global_keep_counts(s, budget, profile.sink, profile.window)
         valid = torch.ones_like(s, dtype=torch.bool)
         masks.append(keep_mask(s, valid, budget, sink=profile.sink, window=profile.window, adaptive=m.adaptive))
     return torch.stack(masks)
@@ -212,22 +198,18 @@ def simulate_sample(model, context_ids: list[int], question: list[int], variants
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-    reconstructed = {v.method.scorer for v in variants} & {RECONSTRUCTION, KVZIP}
+    reconstructed = {v.method.scorer for v in variants} & set(RECONSTRUCTED)
     if reconstructed and (protocol != "agnostic" or not reconstruction):
         raise ValueError("the reconstruction and kvzip scorers need the agnostic protocol and the reconstruction "
                          "token ids")
     prompt = context_ids + question if protocol == "aware" else context_ids
     record = record_prefill(model, torch.tensor([prompt]))
-    scores = {}
-    if RECONSTRUCTION in reconstructed:
-        scores[RECONSTRUCTION] = reconstruction_utility(model, record, reconstruction)
-    if KVZIP in reconstructed:  # KVzip's own score: attention alone, unpooled
-        scores[KVZIP] = reconstruction_utility(model, record, reconstruction, pool=1, attention_only=True)
+    scores = {s: context_utility(model, record, reconstruction, s) for s in reconstructed}
     full, importance = answer_with_oracle(model, record, question, protocol, stop_ids, max_new_tokens)
     if not variants:
         return SampleAnswers(full, [], [])
     ropes = scorers.layer_ropes(model.config)
-    ranked = {v.method.scorer for v in variants} - {ORACLE, RECONSTRUCTION, KVZIP}
+    ranked = {v.method.scorer for v in variants} - {ORACLE, *RECONSTRUCTED}
     scores |= {s: layer_scores(s, record.q, record.k, record.v, record.scaling, ropes) for s in ranked}
     scores[ORACLE] = importance
     keep = variant_masks(variants, scores, len(prompt))  # [R, L, H, P]

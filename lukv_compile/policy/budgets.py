@@ -4,6 +4,7 @@ Static policies are all expressed as a `Profile` (LU-KV's solved profile, unifor
 StreamingLLM = uniform with the `streaming` scorer), and turned into keep counts here with LU-KV's
 rounding. AdaKV is the one run-time policy: the per-layer total is fixed (that of uniform) and the
 split over heads follows the scores; `adaptive_keep` does that split inside the eviction op.
+KVzip's global selection (`global_keep_counts`) splits the whole model's total by the scores.
 """
 
 from __future__ import annotations
@@ -83,3 +84,19 @@ def adaptive_keep(scores: torch.Tensor, totals: torch.Tensor, floor_share: float
     remaining = totals - floor.sum(dim=-1)  # a short head's unused floor goes to the others
     extra = (rest_ranks < remaining[:, None, None]).sum(dim=-1)
     return (floor + extra).clamp(max=t)
+
+
+def global_keep_counts(scores: torch.Tensor, counts: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """[L, H] keep counts of KVzip's selection, one threshold over every head of every layer: as many tokens as
+    `counts` [L, H] keeps in all, each head's protected (first `sink`, last `window`) tokens, and the rest by one
+    top-r over every head's scores [L, H, P]. Needs every layer's scores at once, so only a pass that sees the
+    whole context first (compress_context) can apply it."""
+    layers, heads, length = scores.shape
+    protected = min(sink + window, length)
+    evictable = scores.float().clone()
+    evictable[..., :sink] = float("-inf")
+    evictable[..., length - window:] = float("-inf")
+    chosen = evictable.flatten().topk(int(counts.sum()) - protected * layers * heads).indices
+    per_head = torch.zeros(layers * heads, dtype=torch.long).index_add_(0, chosen.cpu() // length,
+                                                                      torch.ones_like(chosen.cpu()))
+    return per_head.view(layers, heads) + protected

@@ -9,10 +9,13 @@ max-pooled along the context over POOL tokens as SnapKV pools attention: a kept 
 neighbours' chance too, so a fact survives whole (a passkey's digits are one token each) rather than as
 the few tokens the repetition happened to read hardest.
 
+KVzip's own score of the same reconstruction (`kvzip`) is the largest attention weight alone, unpooled;
+`context_utility` gives either.
+
 It needs a second forward over the full context, so it is no run-time scorer: the profiler ranks the
 calibration context with it (`lukv profile --scorer reconstruction`), `compress_context`
-(lukv_compile/runtime/compress_context.py) fills a cache with it, and the evaluation's simulated engine selects
-with it.
+(lukv_compile/runtime/compress_context.py) fills a cache with it (or with KVzip's score), and the evaluation's
+simulated engine selects with either.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import copy
 import torch
 
 from lukv_compile.policy.scorers.snapkv import pool_prefix
+from lukv_compile.profile import RECONSTRUCTION
 from lukv_compile.profiling.oracle import PrefillRecord, recording, utility_hook
 
 POOL = 7  # tokens: SnapKV's published pooling width, not tuned on the evaluation
 # The ranking the profiler solves budgets for. Unpooled: on SmolLM2 the budgets solved for the unpooled
 # ranking served the pooled run-time ranking better than budgets solved for the pooled one (docs/results.md).
 PROFILE_POOL = 1
+
+KVZIP = "kvzip"
+SCORINGS = (RECONSTRUCTION, KVZIP)  # what compress_context can rank the context by
 
 REPEAT_REQUEST = "Repeat the text above exactly."
 PROMPT_FORMATS = ("chat", "plain")
@@ -38,6 +45,11 @@ def check_pool(pool: int) -> None:
     """The pooling width is centred on each token, so it must be odd (1: unpooled)."""
     if not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
         raise ValueError(f"the reconstruction pooling width must be an odd integer >= 1 (1: unpooled), got {pool!r}")
+
+
+def check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown context scoring {scoring!r}; allowed: {', '.join(SCORINGS)}")
 
 
 def check_prompt_format(prompt_format: str) -> None:
@@ -92,3 +104,12 @@ def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[in
     with recording(model, utility_hook(importance, record, attention_only)):
         model(input_ids=torch.tensor([reconstruction], device=record.k[0].device), cache=cache, logits_to_keep=1)
     return pool_prefix(importance, 0, pool)
+
+
+def context_utility(model, record: PrefillRecord, reconstruction: list[int], scoring: str) -> torch.Tensor:
+    """[L, H_kv, P] scores of the recorded context by `scoring`: `reconstruction` (utility, pooled over POOL) or
+    `kvzip` (KVzip's: the attention weight alone, unpooled)."""
+    check_scoring(scoring)
+    if scoring == KVZIP:
+        return reconstruction_utility(model, record, reconstruction, pool=1, attention_only=True)
+    return reconstruction_utility(model, record, reconstruction)

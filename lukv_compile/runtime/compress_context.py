@@ -1,12 +1,15 @@
 """Task-agnostic context compression ranked by reconstruction: keep what the model needs to repeat the context.
 
 `compress_context(model, cache, context_ids, repeat_ids(tokenizer, text))` prefills the context
-(uncompiled), ranks every token by its utility to repeating the context (profiling/reconstruction.py) and
-fills an empty `LUKVCache` with each head's budget of top tokens (the cache's budgets: a profile solved for
-this ranking, `lukv profile --scorer reconstruction`, or any other). A compiled model then continues from
-it (the question, later turns) as from any compressed prompt. The pass costs a second forward that records
-attention (measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2 CPU cores), so it is an explicit
-call, not a scorer option, and its result is worth saving (`cache.save`, runtime/saved.py).
+(uncompiled), scores every token by what repeating the context needs (profiling/reconstruction.py) and fills
+an empty `LUKVCache` with the top tokens. Two scorings: `reconstruction` (our utility, pooled) and `kvzip`
+(KVzip's attention weight, unpooled). Two selections: `budgets` (each head keeps the cache's budget: a profile
+solved for the reconstruction ranking, `lukv profile --scorer reconstruction`, or any other) and `global`
+(KVzip's: the cache's total over every head of every layer, one threshold; the heads' protected tokens kept).
+A compiled model then continues from it (the question, later turns) as from any compressed prompt. The pass
+costs a second forward that records attention (measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2
+CPU cores), so it is an explicit call, not a scorer option, and its result is worth saving (`cache.save`,
+runtime/saved.py).
 """
 
 from __future__ import annotations
@@ -14,15 +17,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lukv_compile.policy.budgets import global_keep_counts
 from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.oracle import record_prefill
-from lukv_compile.profiling.reconstruction import reconstruction_utility
+from lukv_compile.profiling.reconstruction import RECONSTRUCTION, check_scoring, context_utility
 from lukv_compile.runtime.cache import LUKVCache
 from lukv_compile.runtime.layer import RaggedLayer
 from lukv_compile.runtime.storage import RaggedStore
 
+SELECTIONS = ("budgets", "global")
 
-def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int]) -> torch.Tensor:
+
+def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int], scoring: str,
+           selection: str) -> torch.Tensor:
+    check_scoring(scoring)
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECTIONS)}")
     if isinstance(model, torch.nn.Module) and hasattr(model, "_orig_mod"):
         raise ValueError("compress_context needs the plain model, not the torch.compile wrapper (pass model, "
                          "not compiled): its reconstruction pass records attention eagerly")
@@ -31,6 +41,9 @@ def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: l
     if not cache.can_mask_chunks:
         raise ValueError("compress_context supports models whose every layer is compressible; this one has "
                          "sliding-window layers")
+    if selection == "global" and cache.settings.policy == "adakv":
+        raise ValueError("selection 'global' splits the whole model's total by the scores; AdaKV's policy splits "
+                         "each layer's: use one (policy 'lukv' with selection 'global', or selection 'budgets')")
     if any(layer.store is not None for layer in cache.layers):
         raise ValueError("compress_context needs an empty LUKVCache (call cache.reset() first)")
     if not reconstruction:
@@ -47,25 +60,28 @@ def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: l
 
 
 @torch.no_grad()
-def compress_context(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int]) -> torch.Tensor:
-    """Prefill `context_ids` into the empty `cache`, keeping each head's budget of tokens by reconstruction utility.
+def compress_context(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int],
+                     scoring: str = RECONSTRUCTION, selection: str = "budgets") -> torch.Tensor:
+    """Prefill `context_ids` into the empty `cache`, keeping the top tokens by `scoring` under `selection`.
 
     reconstruction: `repeat_ids(tokenizer, context_text)`. Returns the context's next-token logits [vocab].
     """
-    ids = _check(model, cache, context_ids, reconstruction)
+    ids = _check(model, cache, context_ids, reconstruction, scoring, selection)
     cache.check_model(model.config)
     cache.meet_model(model)
     record = record_prefill(model, ids)
-    utility = reconstruction_utility(model, record, reconstruction)
+    utility = context_utility(model, record, reconstruction, scoring)
     length = record.context_len
     p = cache.profile
+    budgets = torch.as_tensor(np.stack([layer.budget(np.array([length]))[0] for layer in cache.layers]))  # [L, H]
+    if selection == "global":
+        budgets = global_keep_counts(utility, budgets, p.sink, p.window)
     for layer in cache.layers:
         assert isinstance(layer, RaggedLayer)  # _check: every layer is compressible
         i = layer.layer_idx
         keys, values = record.k[i].to(model.dtype), record.v[i].to(model.dtype)  # [1, H, P, D]
-        budget = torch.as_tensor(layer.budget(np.array([length])), device=keys.device)
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
-        kept = keep_mask(utility[i][None], valid, budget, sink=p.sink, window=p.window,
+        kept = keep_mask(utility[i][None], valid, budgets[i][None].to(keys.device), sink=p.sink, window=p.window,
                          adaptive=cache.settings.policy == "adakv")
         positions = torch.arange(length, device=keys.device).expand(keys.shape[:3])
         layer.store = RaggedStore(1, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
