@@ -181,8 +181,9 @@ def test_demo_as_the_readme_runs_it():
     assert f"compression 0.8, {DEFAULT_RANKINGS[0]} ranking on global budgets" in out  # the model's own profile, found
 
 
-@pytest.mark.parametrize("method", ["reconstruction", "prompt"])
-def test_compress_writes_a_cache_a_service_loads(method, tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("method, selection", [("reconstruction", "budgets"), ("kvzip", "global"),
+                                               ("prompt", "budgets")])
+def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lukv_compile import LUKVCache
@@ -192,14 +193,15 @@ def test_compress_writes_a_cache_a_service_loads(method, tiny_folder, tmp_path, 
     (tmp_path / "doc.txt").write_text(text)
     out = tmp_path / "doc.lukv"
     assert main(["compress", str(tmp_path / "doc.txt"), "--model", str(tiny_folder), "--out", str(out),
-                 "--method", method, "--compression", "0.5"]) == 0
+                 "--method", method, "--selection", selection, "--compression", "0.5"]) == 0
     said = capsys.readouterr().out
     assert f"compressed by {method}" in said and f"wrote {out}" in said
     model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
     cache = LUKVCache.load(out, model)
     assert torch.equal(cache.token_ids, document_ids(AutoTokenizer.from_pretrained(tiny_folder), text))
-    assert cache.settings.compression == 0.5 and cache.profile.scorer == ("reconstruction" if method ==
-                                                                           "reconstruction" else "snapkv")
+    assert cache.settings.compression == 0.5 and cache.profile.scorer == ("snapkv" if method == "prompt" else
+                                                                           "reconstruction")
+    assert f"{selection if selection == 'global' else 'uniform'} budgets" in said
     held = sum(layer.store.held.sum() for layer in cache.layers)
     assert held < 0.6 * len(cache.layers) * cache.num_kv_heads * cache.get_seq_length()
 
@@ -208,9 +210,12 @@ def test_compress_writes_a_cache_a_service_loads(method, tiny_folder, tmp_path, 
     (["compress", "/no/such/doc.txt", "--model", "smollm2", "--out", "x.lukv"], "no such file"),
     (["compress", "{empty}", "--model", "smollm2", "--out", "x.lukv"], "is empty"),
     (["compress", "{empty}", "--model", "smollm2", "--out", "/no/such/dir/x.lukv"], "does not exist"),
+    (["compress", "{doc}", "--model", "smollm2", "--out", "x.lukv", "--method", "prompt", "--selection", "global"],
+     "selection 'global' needs method reconstruction or kvzip"),
 ])
 def test_compress_bad_arguments_fail_before_work(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text(" \n")
-    args = [a.replace("{empty}", str(tmp_path / "empty.txt")) for a in args]
+    (tmp_path / "doc.txt").write_text("a document")
+    args = [a.replace("{empty}", str(tmp_path / "empty.txt")).replace("{doc}", str(tmp_path / "doc.txt")) for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().err

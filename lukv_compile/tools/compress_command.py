@@ -6,10 +6,12 @@ each request (`LUKVCache.load(path, model)`), forks it per question or batches t
 (`cache.fork(n)`, `questions_batch`), with each question framed by `question_ids`:
 examples/compress_once_ask_many.py does this.
 
-Methods: `reconstruction` (default) ranks every token by what repeating the document needs
-(`compress_context`, measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2 CPU cores) with the
-shipped LU-KV budgets for that ranking when the model has them (else uniform budgets); `prompt` runs one
-compiled prefill and evicts by the profile's scorer (the model's own profile by default, as the one line finds it).
+Methods: `reconstruction` (default) scores every token by what repeating the document needs
+(`compress_context`, measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2 CPU cores); `kvzip` scores the
+same repetition as KVzip does (the attention weight alone, unpooled). Both keep each head's budget of the shipped
+LU-KV profile for the reconstruction ranking when the model has one (else uniform budgets), or with `--selection
+global` KVzip's one threshold over every head (the same total). `prompt` runs one compiled prefill and evicts by
+the profile's scorer (the model's own profile by default, as the one line finds it).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from lukv_compile.config import kv_shape
 from lukv_compile.profile import Profile
 from lukv_compile.profiling.reconstruction import chat_parts, repeat_ids
 from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
-from lukv_compile.runtime.compress_context import compress_context
+from lukv_compile.runtime.compress_context import SELECTIONS, compress_context
 from lukv_compile.tools.cli_args import compression_arg, load_model_arg
 
-METHODS = ("reconstruction", "prompt")
+METHODS = ("reconstruction", "kvzip", "prompt")
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 
 
@@ -57,16 +59,25 @@ def reconstruction_profile(model) -> Profile:
         return Profile.uniform(*kv_shape(model.config)[:2], scorer="reconstruction")
 
 
-@torch.no_grad()
-def compress_document(model, tokenizer, text: str, compression: float, method: str = "reconstruction",
-                      profile: Profile | None = None) -> tuple[LUKVCache, torch.Tensor]:
-    """The document compressed into a new LUKVCache, and its [1, T] ids (what `cache.save` stores with it)."""
+def check_method(method: str, selection: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if method == "prompt" and selection != "budgets":
+        raise ValueError(f"selection {selection!r} needs method reconstruction or kvzip: 'prompt' evicts layer by "
+                         "layer during the prefill, so it keeps each head's budget")
+
+
+@torch.no_grad()
+def compress_document(model, tokenizer, text: str, compression: float, method: str = "reconstruction",
+                      profile: Profile | None = None, selection: str = "budgets") -> tuple[LUKVCache, torch.Tensor]:
+    """The document compressed into a new LUKVCache, and its [1, T] ids (what `cache.save` stores with it)."""
+    check_method(method, selection)
     ids = document_ids(tokenizer, text).to(model.device)
-    if method == "reconstruction":
+    if method != "prompt":
         cache = LUKVCache(model.config, profile=profile or reconstruction_profile(model), compression=compression)
-        compress_context(model, cache, ids, repeat_ids(tokenizer, text, chat=uses_chat(tokenizer)))
+        compress_context(model, cache, ids, repeat_ids(tokenizer, text, chat=uses_chat(tokenizer)), method, selection)
     else:  # no profile: the model's own, as the one line finds it
         cache = LUKVCache(model.config, profile=profile, compression=compression)
         torch.compile(model, backend="lukv", options={"inner": "eager"})(ids, cache=cache)
@@ -82,8 +93,11 @@ def add_compress(sub) -> None:
     p.add_argument("--compression", type=compression_arg, default=0.8,
                    help="fraction of the document's KV removed, in [0, 1) (default 0.8)")
     p.add_argument("--method", choices=METHODS, default="reconstruction",
-                   help="reconstruction: rank by what repeating the document needs (default); prompt: one "
-                        "prefill evicted by the profile's scorer")
+                   help="reconstruction: rank by what repeating the document needs (default); kvzip: KVzip's "
+                        "score of that repetition; prompt: one prefill evicted by the profile's scorer")
+    p.add_argument("--selection", choices=SELECTIONS, default="budgets",
+                   help="budgets: each head keeps its profile's budget (default); global: KVzip's one threshold "
+                        "over every head (reconstruction and kvzip only)")
     p.add_argument("--profile", type=Path, default=None,
                    help="LU-KV profile file (default: reconstruction: the shipped one for that ranking, else "
                         "uniform; prompt: the model's own, found as the one line finds it)")
@@ -99,15 +113,16 @@ def run_compress(args) -> None:
     text = args.document.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"document {args.document} is empty")
+    check_method(args.method, args.selection)
     profile = Profile.load(args.profile) if args.profile is not None else None
     model, tokenizer = load_model_arg(args.model, args.dtype)
     started = time.perf_counter()
-    cache, ids = compress_document(model, tokenizer, text, args.compression, args.method, profile)
+    cache, ids = compress_document(model, tokenizer, text, args.compression, args.method, profile, args.selection)
     seconds = time.perf_counter() - started
     cache.save(args.out, token_ids=ids)
     full = full_cache_nbytes(model.config, 1, ids.shape[1], model.dtype)
-    budgets = "uniform" if cache.profile.scope == "uniform" else "LU-KV"
-    print(f"{args.document}: {ids.shape[1]} tokens compressed by {args.method} ({cache.profile.scorer}, {budgets} "
-          f"budgets) at {args.compression:g} in {seconds:.1f} s; KV {cache.nbytes() / 2**20:.2f} MiB vs "
+    budgets = "global" if args.selection == "global" else "uniform" if cache.profile.scope == "uniform" else "LU-KV"
+    print(f"{args.document}: {ids.shape[1]} tokens compressed by {args.method} ({cache.profile.scorer} profile, "
+          f"{budgets} budgets) at {args.compression:g} in {seconds:.1f} s; KV {cache.nbytes() / 2**20:.2f} MiB vs "
           f"{full / 2**20:.2f} MiB full ({cache.nbytes() / full:.3f}x)")
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB)")
