@@ -83,6 +83,7 @@ def test_follow_up_questions_continue_the_conversation_on_the_same_cache(model):
         assert answer == greedy_reference(model, so_far, 6)
         so_far += answer + turn
     assert len(got.later) == 2
+    assert harness.conversation_ids(prompt, got) == so_far[70:]  # what the compiled engine's oracle scores
 
 
 def test_a_multi_question_sample_is_scored_per_turn(model):
@@ -119,7 +120,6 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
 
 
 @pytest.mark.parametrize("skipped, runs, note", [
-    ("uniform:oracle", "uniform:keydiff", "the oracle needs the evaluation's question (simulated engine only)"),
     # one top-r over every layer needs every layer's scores first: compress_context's scorings only
     ("global:keydiff", "uniform:keydiff", "global budgets need every layer's scores before any is kept"),
     # a cache ranks with its own profile's ranking: on the compiled engine this would silently be lukv:keydiff
@@ -156,6 +156,21 @@ def test_kvzip_two_by_two_runs_on_the_simulated_engine(model, tmp_path, monkeypa
     with pytest.raises(ValueError, match="agnostic only"):
         evaluate(model, CharTokenizer(), ["global:kvzip"], ["passkey"], [300], 1, [0.8], progress=False,
                  prompt_format="plain", protocols=("aware",))
+
+
+def test_the_compiled_engines_oracle_answers_as_the_simulated_engines(model, tmp_path, monkeypatch):
+    """Agnostic, one question: the compiled engine's oracle (the utility of the full cache's question and answer,
+    filled before the question) keeps what the simulated engine's oracle keeps, on LU-KV and global budgets."""
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    tiny_profile(tmp_path, "keydiff")
+    args = dict(methods=["full", "lukv-keydiff:oracle", "global:oracle", "uniform:keydiff"], tasks=["passkey"],
+                context_tokens=[300], samples=2, compressions=[0.8], progress=False, prompt_format="plain")
+    simulated = evaluate(model, CharTokenizer(), engine="simulated", **args)
+    compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
+    key = lambda r: (r.sample, r.method)  # noqa: E731
+    assert {key(r): r.answer for r in simulated} == {key(r): r.answer for r in compiled}
+    with pytest.raises(ValueError, match="compiled engine's oracle .* agnostic only"):
+        evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), protocols=("aware",), **args)
 
 
 def test_samples_are_sharded_over_ranks(model):

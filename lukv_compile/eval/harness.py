@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 
 from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval.methods import (
+    FILLED,
+    ORACLE,
     RECONSTRUCTED,
     Method,
     ProfileMissingError,
@@ -35,10 +38,16 @@ from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import HAYSTACK_TASKS, MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import check_compression
-from lukv_compile.profiling.reconstruction import chat_parts, check_prompt_format, next_turn, repeat_ids
+from lukv_compile.profiling.reconstruction import (
+    chat_parts,
+    check_prompt_format,
+    next_turn,
+    reconstruction_utility,
+    repeat_ids,
+)
 from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.runtime.chunked_prefill import chunked_prefill
-from lukv_compile.runtime.compress_context import compress_context
+from lukv_compile.runtime.compress_context import compress_context, fill_by_utility
 
 ENGINES = ("simulated", "compiled")
 DEFAULT_HAYSTACK = HAYSTACKS[0]  # Persuasion: the one every earlier result used
@@ -109,19 +118,19 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
 @torch.no_grad()
 def run_sample(compiled, model, cache: LUKVCache, prompt: Prompt, stop_ids: set[int],
                prefill_chunk: int | None = None, protocol: str = "agnostic",
-               reconstruct: tuple[str, str] | None = None) -> Generation:
+               fill: Callable[[torch.Tensor], object] | None = None) -> Generation:
     """Prefill + evict (in chunks of `prefill_chunk`, if given; with the question for `aware`), the
     question in one forward (`agnostic`), then greedy decoding until a stop token; then each follow-up question
     in one forward after the answer, on the same cache, and its greedy answer.
 
-    reconstruct: (scoring, selection) to fill the cache with compress_context instead of the compiled prefill."""
+    fill: fills the empty cache from the context's ids instead of the compiled prefill (`method_fill`)."""
     device = model.device
     question = torch.tensor([prompt.question_ids], device=device)
     ids = prompt.context_ids.to(device)
     if protocol == "aware":
         ids = torch.cat([ids, question], dim=1)
-    if reconstruct:  # the context ranked by its reconstruction (an uncompiled pass), then the compiled model
-        compress_context(model, cache, ids, prompt.reconstruction, *reconstruct)
+    if fill is not None:  # the context scored by an uncompiled pass over it, then the compiled model
+        fill(ids)
     else:
         logits = chunked_prefill(compiled, cache, ids, chunk=prefill_chunk or ids.shape[1], logits_to_keep=1)
     if protocol == "agnostic":
@@ -221,6 +230,10 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     if "aware" in protocols and any(m.scorer in RECONSTRUCTED for m in chosen):
         raise ValueError("the reconstruction and kvzip scorers compress the context before the question is seen: "
                          "they run with --protocol agnostic only")
+    if engine == "compiled" and "aware" in protocols and any(m.scorer == ORACLE for m in chosen):
+        raise ValueError("the compiled engine's oracle fills the cache before the first question from the full "
+                         "cache's whole conversation: it runs with --protocol agnostic only (the simulated engine "
+                         "runs both)")
     for note in notes if rank == 0 else []:
         print(note)
     runs = variants(chosen, compressions)
@@ -270,20 +283,39 @@ def simulated_results(model, tokenizer, sample: Sample, prompt: Prompt, runs: li
     return out
 
 
-def reconstruct_args(method: Method) -> tuple[str, str] | None:
-    """compress_context's (scoring, selection) for a method scored by the context's reconstruction, else None."""
-    if method.scorer not in RECONSTRUCTED:
+def conversation_ids(prompt: Prompt, full: Generation) -> list[int]:
+    """What follows the context in the full cache's run: the question, its answer, then each later turn and its
+    answer (a cut answer's last token is fed with the next turn, so it is here too)."""
+    said = prompt.question_ids + full.tokens
+    for turn, answer in zip(prompt.followups, full.later, strict=True):
+        said += turn + answer
+    return said
+
+
+def method_fill(method: Method, model, cache: LUKVCache, prompt: Prompt,
+                full: Generation | None) -> Callable[[torch.Tensor], object] | None:
+    """How a method scored by a pass over the whole context fills its cache (None: the compiled prefill does):
+    compress_context's scoring, or the oracle: the utility of the full cache's whole conversation `full`."""
+    if method.scorer not in FILLED:
         return None
-    return method.scorer, "global" if method.global_top else "budgets"
+    selection = "global" if method.global_top else "budgets"
+    if method.scorer in RECONSTRUCTED:
+        return lambda ids: compress_context(model, cache, ids, prompt.reconstruction, method.scorer, selection)
+    said = conversation_ids(prompt, full)
+    return lambda ids: fill_by_utility(model, cache, ids, lambda r: reconstruction_utility(model, r, said, pool=1),
+                                       selection)
 
 
 def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt, runs: list[Variant], where: tuple,
                      stop_ids: set[int], prefill_chunk: int | None) -> list[Result]:
-    out = []
-    for variant in runs:
+    out, full = [], None
+    for variant in runs:  # the full cache runs first (`variants`): the oracle knows its conversation
+        if variant.method.scorer == ORACLE and full is None:  # not asked for: run it unreported
+            full = run_sample(compiled, model, make_cache("full", model, 0.0), prompt, stop_ids, prefill_chunk)
         cache = make_cache(variant.method.name, model, variant.compression)
         g = run_sample(compiled, model, cache, prompt, stop_ids, prefill_chunk, protocol=where[0],
-                       reconstruct=reconstruct_args(variant.method))
+                       fill=method_fill(variant.method, model, cache, prompt, full))
+        full = g if variant.method.profile is None else full
         texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in [g.tokens, *g.later]]
         turns = [score(asked, text) for asked, text in zip([sample, *sample.followups], texts, strict=True)]
         steps = g.step_seconds[WARMUP_STEPS:]

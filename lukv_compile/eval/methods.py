@@ -15,11 +15,13 @@ accuracy and memory differences come from the policy alone, not from the impleme
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
               global         KVzip's selection: one top-r over every head's scores (the uniform budgets' total and
                              protection; each head keeps what passes the one threshold). On the compiled engine
-                             with the reconstruction or kvzip scoring only (compress_context's selection 'global')
+                             with the oracle, reconstruction or kvzip scoring only (selection 'global' of
+                             compress_context / fill_by_utility)
               tp<N>          LU-KV solved for N tensor-parallel shards (`lukv profile --shards N`): every shard's
                              kept tokens within 5% of the others' (the shipped <model>-<scorer>-tpN profile)
     scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
-              of the actual question (a query-aware ceiling; the simulated engine only), or
+              of the actual question (a query-aware ceiling; on the compiled engine, agnostic protocol: the
+              utility of the full cache's whole conversation, every question and answer), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
               `lukv:reconstruction` uses the profile solved for that ranking), or `kvzip`: KVzip's score of the
               same reconstruction (the largest attention weight, no value-output norm, unpooled). Both fill the
@@ -72,6 +74,7 @@ BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", "global")
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
 RECONSTRUCTED = (RECONSTRUCTION, KVZIP)  # scorings of the context's reconstruction: compress_context fills the cache
+FILLED = (ORACLE, *RECONSTRUCTED)  # the cache is filled from a pass over the whole context (fill_by_utility)
 ALIASES = {"streaming": "uniform:streaming"}
 
 
@@ -150,18 +153,16 @@ def parse_methods(text: str | list[str]) -> list[str]:
 
 def borrows_budgets(method: Method) -> bool:
     """True for budgets of one ranking's profile ranked by another (`lukv-keydiff:snapkv`): a cache ranks with its
-    profile's own ranking, so only the simulated engine runs them (a method scored by reconstruction or kvzip is
-    filled by compress_context, which scores the context itself on any budgets)."""
-    return method.profile is not None and method.scorer not in (method.profile.scorer, *RECONSTRUCTED)
+    profile's own ranking, so only the simulated engine runs them (a method scored by the oracle, reconstruction
+    or kvzip is filled by fill_by_utility, which scores the context itself on any budgets)."""
+    return method.profile is not None and method.scorer not in (method.profile.scorer, *FILLED)
 
 
 def simulated_only(method: Method) -> str | None:
     """Why only the simulated engine runs `method`, or None when a LUKVCache runs it on the compiled path."""
-    if method.scorer == ORACLE:
-        return "the oracle needs the evaluation's question"
-    if method.global_top and method.scorer not in RECONSTRUCTED:
-        return ("global budgets need every layer's scores before any is kept: only compress_context's scorings "
-                f"({', '.join(RECONSTRUCTED)}) have them")
+    if method.global_top and method.scorer not in FILLED:
+        return ("global budgets need every layer's scores before any is kept: only the scorings that fill the "
+                f"cache from a pass over the whole context ({', '.join(FILLED)}) have them")
     if borrows_budgets(method):
         if method.profile.scorer == RECONSTRUCTION:
             return "a cache holding a reconstruction profile is filled by compress_context only (reconstruction, kvzip)"

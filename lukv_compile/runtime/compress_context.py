@@ -14,12 +14,14 @@ runtime/saved.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from lukv_compile.policy.budgets import global_keep_counts
 from lukv_compile.policy.eviction import keep_mask
-from lukv_compile.profiling.oracle import record_prefill
+from lukv_compile.profiling.oracle import PrefillRecord, record_prefill
 from lukv_compile.profiling.reconstruction import RECONSTRUCTION, check_scoring, context_utility
 from lukv_compile.runtime.cache import LUKVCache
 from lukv_compile.runtime.layer import RaggedLayer
@@ -28,9 +30,7 @@ from lukv_compile.runtime.storage import RaggedStore
 SELECTIONS = ("budgets", "global")
 
 
-def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: list[int], scoring: str,
-           selection: str) -> torch.Tensor:
-    check_scoring(scoring)
+def _check(model, cache: LUKVCache, context_ids: torch.Tensor, selection: str) -> torch.Tensor:
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECTIONS)}")
     if isinstance(model, torch.nn.Module) and hasattr(model, "_orig_mod"):
@@ -46,8 +46,6 @@ def _check(model, cache: LUKVCache, context_ids: torch.Tensor, reconstruction: l
                          "each layer's: use one (policy 'lukv' with selection 'global', or selection 'budgets')")
     if any(layer.store is not None for layer in cache.layers):
         raise ValueError("compress_context needs an empty LUKVCache (call cache.reset() first)")
-    if not reconstruction:
-        raise ValueError("the reconstruction token ids are empty (make them with repeat_ids)")
     ids = torch.as_tensor(context_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[0] != 1:
@@ -66,11 +64,24 @@ def compress_context(model, cache: LUKVCache, context_ids: torch.Tensor, reconst
 
     reconstruction: `repeat_ids(tokenizer, context_text)`. Returns the context's next-token logits [vocab].
     """
-    ids = _check(model, cache, context_ids, reconstruction, scoring, selection)
+    check_scoring(scoring)
+    if not reconstruction:
+        raise ValueError("the reconstruction token ids are empty (make them with repeat_ids)")
+    return fill_by_utility(model, cache, context_ids,
+                           lambda record: context_utility(model, record, reconstruction, scoring), selection)
+
+
+@torch.no_grad()
+def fill_by_utility(model, cache: LUKVCache, context_ids: torch.Tensor,
+                    utility_of: Callable[[PrefillRecord], torch.Tensor], selection: str = "budgets") -> torch.Tensor:
+    """Prefill `context_ids` (uncompiled) and fill the empty `cache` with the top tokens by `utility_of(record)`
+    [L, H_kv, P] under `selection`; returns the context's next-token logits [vocab]. compress_context's scorings
+    use it, and so does the evaluation's oracle (the utility of a whole known conversation)."""
+    ids = _check(model, cache, context_ids, selection)
     cache.check_model(model.config)
     cache.meet_model(model)
     record = record_prefill(model, ids)
-    utility = context_utility(model, record, reconstruction, scoring)
+    utility = utility_of(record)
     length = record.context_len
     p = cache.profile
     budgets = torch.as_tensor(np.stack([layer.budget(np.array([length]))[0] for layer in cache.layers]))  # [L, H]
