@@ -84,6 +84,14 @@ def compress_document(model, tokenizer, text: str, compression: float, method: s
     return cache, ids
 
 
+def kept_by(cache: LUKVCache, selection: str) -> str:
+    if selection == "global":
+        return "global selection: one threshold over every head"
+    if cache.profile.scope == "uniform":
+        return "uniform budgets"
+    return f"LU-KV budgets of the {cache.profile.scorer} profile"
+
+
 def add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a document once into a saved LUKVCache file (ask it later)",
                        description=__doc__.split("\n\n")[1])
@@ -121,8 +129,7 @@ def run_compress(args) -> None:
     seconds = time.perf_counter() - started
     cache.save(args.out, token_ids=ids)
     full = full_cache_nbytes(model.config, 1, ids.shape[1], model.dtype)
-    budgets = "global" if args.selection == "global" else "uniform" if cache.profile.scope == "uniform" else "LU-KV"
-    print(f"{args.document}: {ids.shape[1]} tokens compressed by {args.method} ({cache.profile.scorer} profile, "
-          f"{budgets} budgets) at {args.compression:g} in {seconds:.1f} s; KV {cache.nbytes() / 2**20:.2f} MiB vs "
+    print(f"{args.document}: {ids.shape[1]} tokens compressed by {args.method} ({kept_by(cache, args.selection)}) "
+          f"at {args.compression:g} in {seconds:.1f} s; KV {cache.nbytes() / 2**20:.2f} MiB vs "
           f"{full / 2**20:.2f} MiB full ({cache.nbytes() / full:.3f}x)")
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB)")
