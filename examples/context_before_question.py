@@ -1,9 +1,9 @@
 """A document compressed before its question is known: rank its tokens by what repeating it needs.
 
 Loads SmolLM2-135M-Instruct and a ~1k-token document with a hidden passkey (the evaluation's passkey
-task), compresses the document alone into a LUKVCache with `lukv_compile.compress_context` (each token
-ranked by the utility the model draws from it while repeating the document; the LU-KV budgets of the
-profile solved for that ranking), and only then asks the question: the compiled model continues from the
+task), compresses the document alone into a LUKVCache with `lukv_compile.compress_context` (KVzip's scoring:
+the attention each token gets while the model repeats the document; one threshold over every head, for the
+total the cache's profile keeps), and only then asks the question: the compiled model continues from the
 compressed cache.
 
     python examples/context_before_question.py

@@ -208,3 +208,16 @@ def test_global_top_r_keeps_the_same_total_and_follows_the_scores_across_heads()
     got = global_keep_counts(scores, counts, sink=4, window=2)
     assert got.sum() == counts.sum() and (got >= 6).all()  # same total; every head keeps its protected tokens
     assert got[1, 2] >= 6 + 20 and got[1, 2] == got.max()  # that head takes all it outranks the others with
+
+
+def test_a_floored_global_selection_keeps_every_head_its_floor_and_the_same_total():
+    """AdaKV's safeguard over the whole model: the heads whose scores lose still keep their floor."""
+    scores = torch.rand(2, 3, 40)
+    scores[1, 2] += 10  # heads that outrank every other, in this order
+    scores[0, 0] += 5
+    scores[0, 1] += 2
+    counts = torch.full((2, 3), 20)
+    bare = global_keep_counts(scores, counts, sink=4, window=2)
+    floored = global_keep_counts(scores, counts, sink=4, window=2, floor_share=0.5)  # floor: half the mean, 10
+    assert bare.tolist() == [[40, 22, 6], [6, 6, 40]]  # the losing heads keep their protected tokens only
+    assert floored.tolist() == [[40, 10, 10], [10, 10, 40]]

@@ -182,7 +182,7 @@ def test_demo_as_the_readme_runs_it():
 
 
 @pytest.mark.parametrize("method, selection", [("reconstruction", "budgets"), ("kvzip", "global"),
-                                               ("prompt", "budgets")])
+                                               ("prompt", "budgets"), (None, "global")])
 def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,9 +192,11 @@ def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder,
     text = "the quick brown fox jumps over the lazy dog. " * 4
     (tmp_path / "doc.txt").write_text(text)
     out = tmp_path / "doc.lukv"
-    assert main(["compress", str(tmp_path / "doc.txt"), "--model", str(tiny_folder), "--out", str(out),
-                 "--method", method, "--selection", selection, "--compression", "0.5"]) == 0
+    chosen = ["--method", method, "--selection", selection] if method else []  # None: the defaults
+    assert main(["compress", str(tmp_path / "doc.txt"), "--model", str(tiny_folder), "--out", str(out), *chosen,
+                 "--compression", "0.5"]) == 0
     said = capsys.readouterr().out
+    method = method or "kvzip"
     assert f"compressed by {method}" in said and f"wrote {out}" in said
     model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
     cache = LUKVCache.load(out, model)

@@ -111,8 +111,8 @@ def test_context_before_question():
 @pytest.mark.slow
 def test_compress_once_ask_many():
     out = run_example("compress_once_ask_many.py")
-    assert re.search(r"^\S+doc\.txt: \d+ tokens compressed by reconstruction \(LU-KV budgets of the reconstruction "
-                     r"profile\) at 0\.8", out, re.M), out
+    assert re.search(r"^\S+doc\.txt: \d+ tokens compressed by kvzip \(global selection: one threshold over every "
+                     r"head\) at 0\.8", out, re.M), out
     found = re.search(r"^found (\d) of 4 \(the full cache, plain transformers: (\d)\); batched answers equal one by "
                       r"one: (\w+)$", out, re.M)
     assert found, out

@@ -15,7 +15,8 @@ from lukv_compile.profiling.reconstruction import POOL, context_utility, reconst
 from lukv_compile.runtime.compress_context import compress_context
 
 RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction",
-                 "global:reconstruction", "uniform:kvzip", "lukv-reconstruction:kvzip", "global:kvzip"]
+                 "global:reconstruction", "uniform:kvzip", "lukv-reconstruction:kvzip", "global:kvzip",
+                 "globalfloor:kvzip"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_the_cache_keeps_each_heads_budget_of_top_reconstruction_tokens(model):
     ids = context()
     reconstruction = (torch.arange(10) + 3).tolist() + ids[0].tolist()
     cache = LUKVCache(model.config, compression=0.7, scorer="keydiff")
-    compress_context(model, cache, ids, reconstruction)
+    compress_context(model, cache, ids, reconstruction, scoring="reconstruction", selection="budgets")
     utility = reconstruction_utility(model, record_prefill(model, ids), reconstruction)
     assert cache.get_seq_length() == 200
     for layer in cache.layers:
@@ -87,6 +88,10 @@ def test_global_selection_keeps_the_budgets_total_above_one_threshold_over_every
         chosen += [scores[i, h, j] for j in range(4, 199) if j in kept[i][h]]
         dropped += [scores[i, h, j] for j in range(4, 199) if j not in kept[i][h]]
     assert min(chosen) >= max(dropped)
+    default = LUKVCache(model.config, compression=0.7, scorer="keydiff")
+    compress_context(model, default, ids, reconstruction)  # the default is KVzip's scoring and selection
+    assert all(torch.equal(a, b) for x, y in zip(cache.layers, default.layers, strict=True)
+               for a, b in zip(x.kept_positions()[0], y.kept_positions()[0], strict=True))
 
 
 def test_the_ranking_is_each_tokens_best_utility_over_its_neighbours(model):
@@ -110,6 +115,7 @@ def test_the_compressed_cache_continues_on_the_compiled_model(model):
     cache = LUKVCache(model.config, compression=0.5, scorer="keydiff")
     ids = context(seed=1)
     logits = compress_context(model, cache, ids, ids[0].tolist())
+    kept = [[len(p) for p in layer.kept_positions()[0]] for layer in cache.layers]
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)  # the context itself is exact
@@ -117,8 +123,7 @@ def test_the_compressed_cache_continues_on_the_compiled_model(model):
     out = compiled.generate(input_ids=torch.cat([ids, context(5, seed=2)], dim=1), cache=cache,
                             max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == 209 and cache.get_seq_length() == 208
-    assert all(len(p) == layer.budget(np.array([200]))[0, h] + 8
-               for layer in cache.layers for h, p in enumerate(layer.kept_positions()[0]))
+    assert [[len(p) - 8 for p in layer.kept_positions()[0]] for layer in cache.layers] == kept
 
 
 def test_bad_calls_raise_before_work(model):
@@ -136,7 +141,7 @@ def test_bad_calls_raise_before_work(model):
         compress_context(model, cache, ids, [])
     with pytest.raises(ValueError, match="unknown context scoring 'h2o'; allowed: reconstruction, kvzip"):
         compress_context(model, cache, ids, [5], scoring="h2o")
-    with pytest.raises(ValueError, match="unknown selection 'layer'; allowed: budgets, global"):
+    with pytest.raises(ValueError, match="unknown selection 'layer'; allowed: global, floored_global, budgets"):
         compress_context(model, cache, ids, [5], selection="layer")
     adakv = LUKVCache(model.config, compression=0.5, scorer="keydiff", policy="adakv")
     with pytest.raises(ValueError, match="AdaKV's policy splits each layer's"):
@@ -180,7 +185,7 @@ def test_a_reconstruction_profile_is_applied_by_compress_context_only(model):
         with pytest.raises(ValueError, match="compress_context"):
             LUKVCache(model.config, profile=profile, compression=0.5, allow_other_model=True, **bad)
 
-    compress_context(model, cache, ids, ids[0].tolist())
+    compress_context(model, cache, ids, ids[0].tolist(), selection="budgets")  # the profile's own budgets
     budget = keep_counts(profile, 0.5, [200], protected=5)[0]
     assert budget[0, 0] > budget[0, 1]
     assert [[len(p) for p in layer.kept_positions()[0]] for layer in cache.layers] == budget.tolist()

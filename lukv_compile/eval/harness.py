@@ -298,12 +298,11 @@ def method_fill(method: Method, model, cache: LUKVCache, prompt: Prompt,
     compress_context's scoring, or the oracle: the utility of the full cache's whole conversation `full`."""
     if method.scorer not in FILLED:
         return None
-    selection = "global" if method.global_top else "budgets"
     if method.scorer in RECONSTRUCTED:
-        return lambda ids: compress_context(model, cache, ids, prompt.reconstruction, method.scorer, selection)
+        return lambda ids: compress_context(model, cache, ids, prompt.reconstruction, method.scorer, method.selection)
     said = conversation_ids(prompt, full)
     return lambda ids: fill_by_utility(model, cache, ids, lambda r: reconstruction_utility(model, r, said, pool=1),
-                                       selection)
+                                       method.selection)
 
 
 def compiled_results(compiled, model, tokenizer, sample: Sample, prompt: Prompt, runs: list[Variant], where: tuple,

@@ -17,6 +17,8 @@ accuracy and memory differences come from the policy alone, not from the impleme
                              protection; each head keeps what passes the one threshold). On the compiled engine
                              with the oracle, reconstruction or kvzip scoring only (selection 'global' of
                              compress_context / fill_by_utility)
+              globalfloor    global with AdaKV's safeguard over the whole model: every head first keeps its top
+                             FLOOR_SHARE of the mean budget (selection 'floored_global')
               tp<N>          LU-KV solved for N tensor-parallel shards (`lukv profile --shards N`): every shard's
                              kept tokens within 5% of the others' (the shipped <model>-<scorer>-tpN profile)
     scorers   any runtime scorer (lukv_compile.policy.scorers), or `oracle`: tokens ranked by the oracle utility
@@ -70,7 +72,8 @@ def shipped_profile(model, scorer: str, shards: int = 1) -> Profile:
     return profile
 
 
-BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", "global")
+SELECTION_OF = {"global": "global", "globalfloor": "floored_global"}  # budgets chosen by one threshold over all heads
+BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", *SELECTION_OF)
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
 RECONSTRUCTED = (RECONSTRUCTION, KVZIP)  # scorings of the context's reconstruction: compress_context fills the cache
@@ -86,7 +89,7 @@ class Method:
     scorer: str
     profile: Profile | None  # None: the full cache
     adaptive: bool = False  # AdaKV's run-time split of each layer's total
-    global_top: bool = False  # KVzip's one top-r over every head instead of per-head budgets
+    selection: str = "budgets"  # per-head budgets, or one threshold over every head (compress_context.SELECTIONS)
 
 
 def tp_shards(budget: str) -> int:
@@ -117,7 +120,7 @@ def resolve(name: str, model) -> Method:
     # The oracle and reconstruction protect like the attention-free scorers (sink 4, last token); LU-KV budgets
     # keep their profile's.
     protection = "keydiff" if scorer in (ORACLE, *RECONSTRUCTED) else scorer
-    if budget in ("uniform", "adakv", "global"):
+    if budget in ("uniform", "adakv", *SELECTION_OF):
         profile = Profile.uniform(layers, heads, scorer=protection)
     elif budget == "pyramid":
         profile = Profile.pyramid(layers, heads, scorer=protection)
@@ -127,7 +130,7 @@ def resolve(name: str, model) -> Method:
         profile = shipped_profile(model, scorer, tp_shards(budget))
     else:
         profile = shipped_profile(model, budget.partition("-")[2] or scorer)
-    return Method(name, scorer, profile, adaptive=budget == "adakv", global_top=budget == "global")
+    return Method(name, scorer, profile, adaptive=budget == "adakv", selection=SELECTION_OF.get(budget, "budgets"))
 
 
 def standard_methods() -> list[str]:
@@ -160,7 +163,7 @@ def borrows_budgets(method: Method) -> bool:
 
 def simulated_only(method: Method) -> str | None:
     """Why only the simulated engine runs `method`, or None when a LUKVCache runs it on the compiled path."""
-    if method.global_top and method.scorer not in FILLED:
+    if method.selection != "budgets" and method.scorer not in FILLED:
         return ("global budgets need every layer's scores before any is kept: only the scorings that fill the "
                 f"cache from a pass over the whole context ({', '.join(FILLED)}) have them")
     if borrows_budgets(method):

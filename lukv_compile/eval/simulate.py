@@ -31,6 +31,7 @@ from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.curves import layer_scores
 from lukv_compile.profiling.oracle import PrefillRecord, decode_importance, record_prefill, recording, utility_hook
 from lukv_compile.profiling.reconstruction import context_utility
+from lukv_compile.runtime.compress_context import GLOBAL_FLOOR
 
 PROTOCOLS = ("agnostic", "aware")
 SIMULATION_IMPL = "lukv_simulation"
@@ -152,8 +153,8 @@ def variant_masks(variants: list[Variant], scores: dict[str, torch.Tensor], prom
         profile = m.profile
         budget = torch.as_tensor(keep_counts(profile, variant.compression, [prompt_len],
                                              profile.sink + profile.window)[0])  # [L, H]
-        if m.global_top:
-            budget = global_keep_counts(s, budget, profile.sink, profile.window)
+        if m.selection in GLOBAL_FLOOR:
+            budget = global_keep_counts(s, budget, profile.sink, profile.window, GLOBAL_FLOOR[m.selection])
         valid = torch.ones_like(s, dtype=torch.bool)
         masks.append(keep_mask(s, valid, budget, sink=profile.sink, window=profile.window, adaptive=m.adaptive))
     return torch.stack(masks)

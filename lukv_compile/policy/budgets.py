@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lukv_compile.policy.selection import protect_and_mask
 from lukv_compile.profile import Profile
 
 POLICIES = ("lukv", "uniform", "pyramid", "adakv", "streaming")
@@ -86,17 +87,15 @@ def adaptive_keep(scores: torch.Tensor, totals: torch.Tensor, floor_share: float
     return (floor + extra).clamp(max=t)
 
 
-def global_keep_counts(scores: torch.Tensor, counts: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+def global_keep_counts(scores: torch.Tensor, counts: torch.Tensor, sink: int, window: int,
+                       floor_share: float = 0.0) -> torch.Tensor:
     """[L, H] keep counts of KVzip's selection, one threshold over every head of every layer: as many tokens as
     `counts` [L, H] keeps in all, each head's protected (first `sink`, last `window`) tokens, and the rest by one
-    top-r over every head's scores [L, H, P]. Needs every layer's scores at once, so only a pass that sees the
-    whole context first (compress_context) can apply it."""
+    top-r over every head's scores [L, H, P]. floor_share > 0: AdaKV's safeguard over the whole model, every head
+    first keeps its top `floor_share` of the mean budget. Needs every layer's scores at once, so only a pass that
+    sees the whole context first (compress_context) can apply it."""
     layers, heads, length = scores.shape
-    protected = min(sink + window, length)
-    evictable = scores.float().clone()
-    evictable[..., :sink] = float("-inf")
-    evictable[..., length - window:] = float("-inf")
-    chosen = evictable.flatten().topk(int(counts.sum()) - protected * layers * heads).indices
-    per_head = torch.zeros(layers * heads, dtype=torch.long).index_add_(0, chosen.cpu() // length,
-                                                                      torch.ones_like(chosen.cpu()))
-    return per_head.view(layers, heads) + protected
+    flat = protect_and_mask(scores.reshape(1, layers * heads, length),
+                            torch.ones(1, layers * heads, length, dtype=torch.bool, device=scores.device), sink, window)
+    total = counts.sum().reshape(1).to(scores.device)
+    return adaptive_keep(flat, total, floor_share).view(layers, heads).cpu()
