@@ -6,7 +6,7 @@ import torch
 from test_eval import CharTokenizer, lukv_compiled, tiny_profile
 from tiny_models import tiny_model
 
-from lukv_compile import LUKVCache, LUKVCacheError, Profile
+from lukv_compile import LUKVCache, LUKVCacheError, Profile, log
 from lukv_compile.eval import methods
 from lukv_compile.eval.harness import evaluate
 from lukv_compile.policy.budgets import keep_counts
@@ -205,3 +205,14 @@ def test_reconstruction_budgets_with_another_ranking_run_on_the_simulated_engine
     compiled = evaluate(model, CharTokenizer(), engine="compiled", compiled=lukv_compiled(model), **args)
     assert [r.method for r in compiled] == ["full"]
     assert "skipped lukv-reconstruction:keydiff: a cache holding a reconstruction profile" in capsys.readouterr().out
+
+
+def test_the_default_global_selection_says_once_that_a_profiles_budgets_went_unused(model, caplog, monkeypatch):
+    monkeypatch.setattr(log, "_reported", set())
+    ids = context(seed=6)
+    for _ in range(2):
+        cache = LUKVCache(model.config, profile=reconstruction_profile(), compression=0.5, allow_other_model=True)
+        compress_context(model, cache, ids, ids[0].tolist())
+    said = [r.getMessage() for r in caplog.records if "one threshold over every head" in r.getMessage()]
+    assert len(said) == 1 and "reconstruction profile gave only the total" in said[0]
+    assert "selection='budgets'" in said[0]

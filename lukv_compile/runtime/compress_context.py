@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from lukv_compile.log import report_once
 from lukv_compile.policy.budgets import ADAKV_FLOOR, global_keep_counts
 from lukv_compile.policy.eviction import keep_mask
 from lukv_compile.profiling.oracle import PrefillRecord, record_prefill
@@ -93,6 +94,10 @@ def fill_by_utility(model, cache: LUKVCache, context_ids: torch.Tensor,
     budgets = torch.as_tensor(np.stack([layer.budget(np.array([length]))[0] for layer in cache.layers]))  # [L, H]
     if selection in GLOBAL_FLOOR:
         budgets = global_keep_counts(utility, budgets, p.sink, p.window, GLOBAL_FLOOR[selection])
+        if p.scope != "uniform":
+            report_once(f"lukv: compress_context kept tokens by one threshold over every head (selection "
+                        f"{selection!r}); the cache's {p.scorer} profile gave only the total and the protected "
+                        "tokens, not its per-head budgets (pass selection='budgets' to keep those)")
     for layer in cache.layers:
         assert isinstance(layer, RaggedLayer)  # _check: every layer is compressible
         i = layer.layer_idx

@@ -81,7 +81,7 @@ def add_profile(sub) -> None:
     p.add_argument("--reconstruction-pool", type=positive_int, default=PROFILE_POOL,
                    help=f"with --scorer reconstruction: the pooling width of the ranking the budgets are solved "
                         f"for, odd (default {PROFILE_POOL}: unpooled, measured better on SmolLM2 than {POOL}, "
-                        f"the width compress_context ranks with)")
+                        f"the width compress_context's reconstruction scoring ranks with)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="budget scope (default global)")
     p.add_argument("--shards", type=positive_int, default=1,
                    help="tensor-parallel shards (contiguous blocks of KV heads): keep each shard's kept tokens "
