@@ -216,3 +216,19 @@ def test_the_default_global_selection_says_once_that_a_profiles_budgets_went_unu
     said = [r.getMessage() for r in caplog.records if "one threshold over every head" in r.getMessage()]
     assert len(said) == 1 and "reconstruction profile gave only the total" in said[0]
     assert "selection='budgets'" in said[0]
+
+
+def test_lukv_compress_uses_the_shipped_budgets_only_for_per_head_selection(model, tmp_path, monkeypatch, caplog):
+    """`lukv compress`'s default (global) takes uniform budgets (only the total counts) and says nothing; per-head
+    selection takes the model's reconstruction profile."""
+    from lukv_compile.tools.compress_command import compress_document, reconstruction_profile
+
+    monkeypatch.setattr(methods, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(log, "_reported", set())
+    tiny_profile(tmp_path, "reconstruction")
+    assert reconstruction_profile(model, "budgets").scope != "uniform"
+    assert reconstruction_profile(model, "global").scope == "uniform"
+    text = "".join(chr(3 + i % 100) for i in range(200))
+    cache, _ = compress_document(model, CharTokenizer(), text, 0.5)
+    assert cache.profile.scope == "uniform" and cache.profile.scorer == "reconstruction"
+    assert not [r for r in caplog.records if "one threshold over every head" in r.getMessage()]

@@ -94,7 +94,7 @@ def fill_by_utility(model, cache: LUKVCache, context_ids: torch.Tensor,
     budgets = torch.as_tensor(np.stack([layer.budget(np.array([length]))[0] for layer in cache.layers]))  # [L, H]
     if selection in GLOBAL_FLOOR:
         budgets = global_keep_counts(utility, budgets, p.sink, p.window, GLOBAL_FLOOR[selection])
-        if p.scope != "uniform":
+        if p.scope != "uniform" and cache.settings.profile is not None:  # a profile the user chose, not found
             report_once(f"lukv: compress_context kept tokens by one threshold over every head (selection "
                         f"{selection!r}); the cache's {p.scorer} profile gave only the total and the protected "
                         "tokens, not its per-head budgets (pass selection='budgets' to keep those)")

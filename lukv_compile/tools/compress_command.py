@@ -52,14 +52,18 @@ def question_ids(tokenizer, question: str, answer_prefix: str = "") -> torch.Ten
     return torch.tensor(tokenizer.encode(after + answer_prefix, add_special_tokens=False))
 
 
-def reconstruction_profile(model) -> Profile:
-    """The shipped LU-KV profile of the reconstruction ranking for this model, else uniform budgets for it."""
+def reconstruction_profile(model, selection: str) -> Profile:
+    """The budgets a selection uses when none are given: per-head (`budgets`): the shipped LU-KV profile of the
+    reconstruction ranking for this model, else uniform; a global selection takes only the total and the protected
+    tokens from the profile, so uniform (as KVzip's rows of the evaluation)."""
     from lukv_compile.eval.methods import ProfileMissingError, shipped_profile
 
-    try:
-        return shipped_profile(model, "reconstruction")
-    except ProfileMissingError:
-        return Profile.uniform(*kv_shape(model.config)[:2], scorer="reconstruction")
+    if selection == "budgets":
+        try:
+            return shipped_profile(model, "reconstruction")
+        except ProfileMissingError:
+            pass
+    return Profile.uniform(*kv_shape(model.config)[:2], scorer="reconstruction")
 
 
 def default_selection(method: str) -> str:
@@ -85,7 +89,8 @@ def compress_document(model, tokenizer, text: str, compression: float, method: s
     check_method(method, selection)
     ids = document_ids(tokenizer, text).to(model.device)
     if method != "prompt":
-        cache = LUKVCache(model.config, profile=profile or reconstruction_profile(model), compression=compression)
+        profile = profile or reconstruction_profile(model, selection)
+        cache = LUKVCache(model.config, profile=profile, compression=compression)
         compress_context(model, cache, ids, repeat_ids(tokenizer, text, chat=uses_chat(tokenizer)), method, selection)
     else:  # no profile: the model's own, as the one line finds it
         cache = LUKVCache(model.config, profile=profile, compression=compression)
