@@ -6,7 +6,7 @@ One document (the passkey task's, --context tokens, its question after it), Smol
 machine's default threads. What a service pays for the first answer token of a new question on a document
 it has seen before, three ways:
   loaded      `LUKVCache.load(doc.lukv, model)` (written once by `lukv compress`'s path: compress_context at
-              --compression with the shipped reconstruction profile) + the question's prefill on the
+              --compression, its default scoring and selection) + the question's prefill on the
               lukv-compiled model (default inner, inductor; compiled by a warm-up before timing);
   re-prefill  what a user runs without lukv: plain transformers (eager, DynamicCache) prefills the whole
               document + question;
