@@ -9,10 +9,9 @@ kept) and `compress_context` with each (scoring, selection) pair, median of --re
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_shared_cache import median_seconds  # run as a script: benchmarks/ is on the path
 
 import lukv_compile
 from lukv_compile.config import kv_shape
@@ -22,15 +21,6 @@ from lukv_compile.profiling.reconstruction import repeat_ids
 from lukv_compile.tools.compress_command import document_ids
 
 PAIRS = (("reconstruction", "budgets"), ("kvzip", "global"))
-
-
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
