@@ -182,7 +182,7 @@ def test_demo_as_the_readme_runs_it():
 
 
 @pytest.mark.parametrize("method, selection", [("reconstruction", "budgets"), ("kvzip", "global"),
-                                               ("prompt", "budgets"), (None, "global")])
+                                               ("kvzip_pooled", "global"), ("prompt", "budgets"), (None, "global")])
 def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,7 +213,7 @@ def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder,
     (["compress", "{empty}", "--model", "smollm2", "--out", "x.lukv"], "is empty"),
     (["compress", "{empty}", "--model", "smollm2", "--out", "/no/such/dir/x.lukv"], "does not exist"),
     (["compress", "{doc}", "--model", "smollm2", "--out", "x.lukv", "--method", "prompt", "--selection", "global"],
-     "selection 'global' needs method reconstruction or kvzip"),
+     "selection 'global' needs a reconstruction scoring (kvzip, kvzip_pooled, reconstruction)"),
 ])
 def test_compress_bad_arguments_fail_before_work(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text(" \n")

@@ -16,7 +16,7 @@ from lukv_compile.runtime.compress_context import compress_context
 
 RECONSTRUCTED = ["uniform:reconstruction", "adakv:reconstruction", "lukv-keydiff:reconstruction", "lukv:reconstruction",
                  "global:reconstruction", "uniform:kvzip", "lukv-reconstruction:kvzip", "global:kvzip",
-                 "globalfloor:kvzip"]
+                 "globalfloor:kvzip", "global:kvzip_pooled"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_simulated_engine_gives_the_compiled_engines_answers(model, tmp_path, mo
     assert len(simulated) == len(compiled) == 2 * (1 + 2 * (1 + len(RECONSTRUCTED)))
     assert {key(r): r.answer for r in simulated} == {key(r): r.answer for r in compiled}
     answers = {key(r): r.answer for r in simulated}
-    for other in ("uniform:keydiff", "uniform:kvzip", "global:reconstruction"):
+    for other in ("uniform:keydiff", "uniform:kvzip", "global:reconstruction", "global:kvzip_pooled"):
         assert any(answers[s, "uniform:reconstruction", c] != answers[s, other, c]
                    for s in (0, 1) for c in (0.5, 0.8)), f"the scoring and selection should matter ({other})"
     assert all(r.kv_ratio < 0.8 for r in compiled if r.method in RECONSTRUCTED and r.compression == 0.5)
@@ -110,6 +110,20 @@ def test_the_ranking_is_each_tokens_best_utility_over_its_neighbours(model):
             reconstruction_utility(model, record, ids[0].tolist(), pool=bad)
 
 
+def test_kvzip_pooled_is_kvzips_score_pooled_as_ours(model):
+    """kvzip_pooled: each token's KVzip score (attention weight alone) maxed over POOL neighbours; kvzip unpooled."""
+    ids = context(60, seed=5)
+    record = record_prefill(model, ids)
+    kvzip = context_utility(model, record, ids[0].tolist(), "kvzip")
+    torch.testing.assert_close(kvzip, reconstruction_utility(model, record, ids[0].tolist(), pool=1,
+                                                             attention_only=True), rtol=0, atol=0)
+    pooled = context_utility(model, record, ids[0].tolist(), "kvzip_pooled")
+    for t in range(60):
+        window = kvzip[..., max(0, t - POOL // 2):t + POOL // 2 + 1]
+        torch.testing.assert_close(pooled[..., t], window.amax(dim=-1), rtol=0, atol=0)
+    assert not torch.equal(pooled, kvzip)
+
+
 def test_the_compressed_cache_continues_on_the_compiled_model(model):
     """A later turn after compress_context: the compiled model appends to the kept tokens at the right positions."""
     cache = LUKVCache(model.config, compression=0.5, scorer="keydiff")
@@ -139,7 +153,7 @@ def test_bad_calls_raise_before_work(model):
         compress_context(model, object(), ids, [5])
     with pytest.raises(ValueError, match="empty"):
         compress_context(model, cache, ids, [])
-    with pytest.raises(ValueError, match="unknown context scoring 'h2o'; allowed: reconstruction, kvzip"):
+    with pytest.raises(ValueError, match="unknown context scoring 'h2o'; allowed: reconstruction, kvzip, kvzip_pooled"):
         compress_context(model, cache, ids, [5], scoring="h2o")
     with pytest.raises(ValueError, match="unknown selection 'layer'; allowed: global, floored_global, budgets"):
         compress_context(model, cache, ids, [5], selection="layer")

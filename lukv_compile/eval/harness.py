@@ -228,7 +228,7 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
     if "aware" in protocols and any(m.scorer in RECONSTRUCTED for m in chosen):
-        raise ValueError("the reconstruction and kvzip scorers compress the context before the question is seen: "
+        raise ValueError("the reconstruction and kvzip scorings compress the context before the question is seen: "
                          "they run with --protocol agnostic only")
     if engine == "compiled" and "aware" in protocols and any(m.scorer == ORACLE for m in chosen):
         raise ValueError("the compiled engine's oracle fills the cache before the first question from the full "

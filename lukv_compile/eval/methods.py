@@ -15,7 +15,7 @@ accuracy and memory differences come from the policy alone, not from the impleme
                              (`Profile.floored`; same totals), so no head the profile starves drops to ~0
               global         KVzip's selection: one top-r over every head's scores (the uniform budgets' total and
                              protection; each head keeps what passes the one threshold). On the compiled engine
-                             with the oracle, reconstruction or kvzip scoring only (selection 'global' of
+                             with the oracle or a reconstruction scoring only (selection 'global' of
                              compress_context / fill_by_utility)
               globalfloor    global with AdaKV's safeguard over the whole model: every head first keeps its top
                              FLOOR_SHARE of the mean budget (selection 'floored_global')
@@ -26,8 +26,9 @@ accuracy and memory differences come from the policy alone, not from the impleme
               utility of the full cache's whole conversation, every question and answer), or
               `reconstruction`: the utility of repeating the context (task-agnostic; reconstruction.py;
               `lukv:reconstruction` uses the profile solved for that ranking), or `kvzip`: KVzip's score of the
-              same reconstruction (the largest attention weight, no value-output norm, unpooled). Both fill the
-              compiled engine's cache through compress_context, on any budgets
+              same reconstruction (the largest attention weight, no value-output norm, unpooled), or
+              `kvzip_pooled`: that score max-pooled over 7 tokens. All three fill the compiled engine's cache
+              through compress_context, on any budgets
 
 plus `full` (compression 0: the reference) and `streaming` (= uniform:streaming, StreamingLLM).
 """
@@ -40,7 +41,7 @@ from pathlib import Path
 from lukv_compile.config import config_fingerprint
 from lukv_compile.profile import RANKINGS, RECONSTRUCTION, SCORERS, Profile
 from lukv_compile.profiles import SHIPPED_DIR, profile_file_name
-from lukv_compile.profiling.reconstruction import KVZIP
+from lukv_compile.profiling.reconstruction import SCORINGS
 from lukv_compile.runtime.cache import LUKVCache
 
 PROFILE_DIR = SHIPPED_DIR  # `lukv eval --profile-dir` and tests point it elsewhere
@@ -76,7 +77,7 @@ SELECTION_OF = {"global": "global", "globalfloor": "floored_global"}  # budgets 
 BUDGETS = ("uniform", "pyramid", "adakv", "lukv", "floored", *SELECTION_OF)
 FLOOR_SHARE = 0.2  # as AdaKV's safeguard (budgets.ADAKV_FLOOR)
 ORACLE = "oracle"
-RECONSTRUCTED = (RECONSTRUCTION, KVZIP)  # scorings of the context's reconstruction: compress_context fills the cache
+RECONSTRUCTED = SCORINGS  # scorings of the context's reconstruction: compress_context fills the cache
 FILLED = (ORACLE, *RECONSTRUCTED)  # the cache is filled from a pass over the whole context (fill_by_utility)
 ALIASES = {"streaming": "uniform:streaming"}
 
@@ -102,12 +103,12 @@ def split_name(name: str) -> tuple[str, str]:
     """'lukv-keydiff:oracle' -> ('lukv-keydiff', 'oracle'), checked; 'streaming' -> ('uniform', 'streaming')."""
     budget, sep, scorer = ALIASES.get(name, name).partition(":")
     base, _, profile_scorer = budget.partition("-")
-    known_scorer = scorer in RANKINGS or scorer in (ORACLE, KVZIP)
+    known_scorer = scorer in RANKINGS or scorer in FILLED
     known_budget = (budget in BUDGETS) or (base == "lukv" and profile_scorer in RANKINGS) or tp_shards(budget) > 1
     if name != "full" and not (sep and known_scorer and known_budget):
         raise ValueError(f"unknown method {name!r}; allowed: full, streaming, or budget:scorer with budget in "
                          f"{', '.join(BUDGETS)}, lukv-<scorer>, tp<N> (N >= 2) and scorer in {', '.join(RANKINGS)}, "
-                         f"{ORACLE}, {KVZIP}")
+                         f"{', '.join(s for s in FILLED if s not in RANKINGS)}")
     return budget, scorer
 
 
@@ -157,7 +158,7 @@ def parse_methods(text: str | list[str]) -> list[str]:
 def borrows_budgets(method: Method) -> bool:
     """True for budgets of one ranking's profile ranked by another (`lukv-keydiff:snapkv`): a cache ranks with its
     profile's own ranking, so only the simulated engine runs them (a method scored by the oracle, reconstruction
-    or kvzip is filled by fill_by_utility, which scores the context itself on any budgets)."""
+    or a kvzip scoring is filled by fill_by_utility, which scores the context itself on any budgets)."""
     return method.profile is not None and method.scorer not in (method.profile.scorer, *FILLED)
 
 
@@ -168,7 +169,8 @@ def simulated_only(method: Method) -> str | None:
                 f"cache from a pass over the whole context ({', '.join(FILLED)}) have them")
     if borrows_budgets(method):
         if method.profile.scorer == RECONSTRUCTION:
-            return "a cache holding a reconstruction profile is filled by compress_context only (reconstruction, kvzip)"
+            return ("a cache holding a reconstruction profile is filled by compress_context only "
+                    f"({', '.join(RECONSTRUCTED)})")
         return f"a cache ranks with its profile's own ranking ({method.profile.scorer})"
     return None
 

@@ -201,7 +201,7 @@ def simulate_sample(model, context_ids: list[int], question: list[int], variants
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     reconstructed = {v.method.scorer for v in variants} & set(RECONSTRUCTED)
     if reconstructed and (protocol != "agnostic" or not reconstruction):
-        raise ValueError("the reconstruction and kvzip scorers need the agnostic protocol and the reconstruction "
+        raise ValueError("the reconstruction and kvzip scorings need the agnostic protocol and the reconstruction "
                          "token ids")
     prompt = context_ids + question if protocol == "aware" else context_ids
     record = record_prefill(model, torch.tensor([prompt]))

@@ -10,7 +10,7 @@ neighbours' chance too, so a fact survives whole (a passkey's digits are one tok
 the few tokens the repetition happened to read hardest.
 
 KVzip's own score of the same reconstruction (`kvzip`) is the largest attention weight alone, unpooled;
-`context_utility` gives either.
+`kvzip_pooled` is that score max-pooled over POOL tokens as ours is. `context_utility` gives any of them.
 
 It needs a second forward over the full context, so it is no run-time scorer: the profiler ranks the
 calibration context with it (`lukv profile --scorer reconstruction`), `compress_context`
@@ -34,7 +34,10 @@ POOL = 7  # tokens: SnapKV's published pooling width, not tuned on the evaluatio
 PROFILE_POOL = 1
 
 KVZIP = "kvzip"
-SCORINGS = (RECONSTRUCTION, KVZIP)  # what compress_context can rank the context by
+KVZIP_POOLED = "kvzip_pooled"
+# What compress_context can rank the context by: scoring -> (pooling width, attention weight alone).
+SCORING_FORM = {RECONSTRUCTION: (POOL, False), KVZIP: (1, True), KVZIP_POOLED: (POOL, True)}
+SCORINGS = tuple(SCORING_FORM)
 
 REPEAT_REQUEST = "Repeat the text above exactly."
 PROMPT_FORMATS = ("chat", "plain")
@@ -107,9 +110,8 @@ def reconstruction_utility(model, record: PrefillRecord, reconstruction: list[in
 
 
 def context_utility(model, record: PrefillRecord, reconstruction: list[int], scoring: str) -> torch.Tensor:
-    """[L, H_kv, P] scores of the recorded context by `scoring`: `reconstruction` (utility, pooled over POOL) or
-    `kvzip` (KVzip's: the attention weight alone, unpooled)."""
+    """[L, H_kv, P] scores of the recorded context by `scoring`: `reconstruction` (utility, pooled over POOL),
+    `kvzip` (KVzip's: the attention weight alone, unpooled) or `kvzip_pooled` (that weight pooled over POOL)."""
     check_scoring(scoring)
-    if scoring == KVZIP:
-        return reconstruction_utility(model, record, reconstruction, pool=1, attention_only=True)
-    return reconstruction_utility(model, record, reconstruction)
+    pool, attention_only = SCORING_FORM[scoring]
+    return reconstruction_utility(model, record, reconstruction, pool=pool, attention_only=attention_only)

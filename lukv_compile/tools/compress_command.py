@@ -9,6 +9,7 @@ examples/compress_once_ask_many.py does this.
 Methods: `kvzip` (default) scores every token by what repeating the document needs, as KVzip does (the attention
 weight a repetition query gives it; `compress_context`, measured 6x a plain prefill's wall time at 1k, 15x at 8k
 on 2 CPU cores) and keeps the top tokens under one threshold over every head (`--selection global`, the default);
+`kvzip_pooled` takes that score's maximum over 7 neighbouring tokens (SnapKV's pooling), so a fact is kept whole;
 `reconstruction` scores the same repetition by our utility (attention x value-output norm, pooled). With
 `--selection budgets` each head keeps its budget of the shipped LU-KV profile for the reconstruction ranking when
 the model has one (else uniform budgets). `prompt` runs one compiled prefill and evicts by the profile's scorer
@@ -31,7 +32,7 @@ from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.runtime.compress_context import SELECTIONS, compress_context
 from lukv_compile.tools.cli_args import compression_arg, load_model_arg
 
-METHODS = ("kvzip", "reconstruction", "prompt")
+METHODS = ("kvzip", "kvzip_pooled", "reconstruction", "prompt")
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 
 
@@ -76,15 +77,15 @@ def check_method(method: str, selection: str) -> None:
     if selection not in SELECTIONS:
         raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
     if method == "prompt" and selection != "budgets":
-        raise ValueError(f"selection {selection!r} needs method reconstruction or kvzip: 'prompt' evicts layer by "
-                         "layer during the prefill, so it keeps each head's budget")
+        raise ValueError(f"selection {selection!r} needs a reconstruction scoring ({', '.join(METHODS[:-1])}): "
+                         "'prompt' evicts layer by layer during the prefill, so it keeps each head's budget")
 
 
 @torch.no_grad()
 def compress_document(model, tokenizer, text: str, compression: float, method: str = "kvzip",
                       profile: Profile | None = None, selection: str | None = None) -> tuple[LUKVCache, torch.Tensor]:
     """The document compressed into a new LUKVCache, and its [1, T] ids (what `cache.save` stores with it).
-    selection None: `global` for kvzip and reconstruction, `budgets` for prompt."""
+    selection None: `global` for the reconstruction scorings, `budgets` for prompt."""
     selection = selection or default_selection(method)
     check_method(method, selection)
     ids = document_ids(tokenizer, text).to(model.device)
@@ -117,10 +118,11 @@ def add_compress(sub) -> None:
     p.add_argument("--compression", type=compression_arg, default=0.8,
                    help="fraction of the document's KV removed, in [0, 1) (default 0.8)")
     p.add_argument("--method", choices=METHODS, default="kvzip",
-                   help="kvzip: KVzip's score of what repeating the document needs (default); reconstruction: our "
+                   help="kvzip: KVzip's score of what repeating the document needs (default); kvzip_pooled: that "
+                        "score pooled over 7 tokens; reconstruction: our "
                         "utility of that repetition; prompt: one prefill evicted by the profile's scorer")
     p.add_argument("--selection", choices=SELECTIONS, default=None,
-                   help="global: KVzip's one threshold over every head (the default for kvzip and reconstruction); "
+                   help="global: KVzip's one threshold over every head (the default but for prompt); "
                         "budgets: each head keeps its profile's budget (the only one for prompt)")
     p.add_argument("--profile", type=Path, default=None,
                    help="LU-KV profile file (default: reconstruction: the shipped one for that ranking, else "
