@@ -34,6 +34,7 @@ from lukv_compile.eval.methods import (
     resolve,
     simulated_only,
 )
+from lukv_compile.eval.outside import SampleSet
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
 from lukv_compile.eval.tasks import HAYSTACK_TASKS, MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
 from lukv_compile.models import eos_token_ids
@@ -98,16 +99,18 @@ def encode(tokenizer: Any, sample: Sample, prompt_format: str) -> Prompt:
     """Context and question token ids, cut where the question starts.
 
     `chat` wraps both in the chat template (context first in the user turn, question after a blank
-    line); `plain` is the raw context, the question and "Answer:". Each part is tokenized on its own so
-    the cut is exact.
+    line); `plain` is the raw context, the question and "Answer:". A sample that starts its answer (lm-eval's
+    documents) ends the prompt with its answer_prefix instead (after the assistant turn starts, or in place of
+    "Answer:"). Each part is tokenized on its own so the cut is exact.
     """
     check_prompt_format(prompt_format)
+    starts = sample.answer_prefix if sample.starts_answer else ""
     if prompt_format == "chat":
         before, question = chat_parts(tokenizer, sample.question)
-        context = before + sample.context
+        context, question = before + sample.context, question + starts
         later = [next_turn(tokenizer, q.question) for q in sample.followups]
     else:
-        context, question = sample.context, f"\n\n{sample.question}\nAnswer:"
+        context, question = sample.context, f"\n\n{sample.question}\n{starts or 'Answer:'}"
         later = [f"\n\n{q.question}\nAnswer:" for q in sample.followups]
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     return Prompt(torch.tensor([context_ids]), tokenizer.encode(question, add_special_tokens=False),
@@ -163,14 +166,25 @@ def greedy_answer(compiled, cache: LUKVCache, logits: torch.Tensor, max_new_toke
     return answer, [], steps
 
 
-def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, compressions: list[float],
-                     engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",),
-                     haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,)) -> None:
+def check_tasks(tasks: list[str], context_tokens: list[int], engine: str = "simulated",
+                haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,)) -> None:
+    """Our generated tasks: known names, lengths and haystacks, and an engine that runs them."""
     bad_tasks = [t for t in tasks if t not in TASKS]
     if bad_tasks or not tasks:
         raise ValueError(f"unknown task(s) {bad_tasks or '(none given)'}; allowed: {', '.join(TASKS)}")
     if not context_tokens or any(not isinstance(c, int) or c < 64 for c in context_tokens):
         raise ValueError(f"context_tokens must be ints >= 64, got {context_tokens!r}")
+    if engine == "simulated" and MULTI_QUESTION_TASKS & set(tasks):
+        raise ValueError(f"task(s) {sorted(MULTI_QUESTION_TASKS & set(tasks))} ask questions in later turns on the "
+                         "same cache, which only the compiled engine runs: use engine 'compiled'")
+    bad_haystacks = [h for h in haystacks if h not in HAYSTACKS]
+    if bad_haystacks or not haystacks:
+        raise ValueError(f"unknown haystack(s) {bad_haystacks or '(none given)'}; allowed: {', '.join(HAYSTACKS)}")
+
+
+def check_evaluation(samples: int, compressions: list[float], engine: str = "simulated",
+                     protocols: tuple[str, ...] = ("agnostic",)) -> None:
+    """What every evaluation needs, whatever its samples' source."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if not compressions:
@@ -179,12 +193,6 @@ def check_evaluation(tasks: list[str], context_tokens: list[int], samples: int, 
         check_compression(c)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
-    if engine == "simulated" and MULTI_QUESTION_TASKS & set(tasks):
-        raise ValueError(f"task(s) {sorted(MULTI_QUESTION_TASKS & set(tasks))} ask questions in later turns on the "
-                         "same cache, which only the compiled engine runs: use engine 'compiled'")
-    bad_haystacks = [h for h in haystacks if h not in HAYSTACKS]
-    if bad_haystacks or not haystacks:
-        raise ValueError(f"unknown haystack(s) {bad_haystacks or '(none given)'}; allowed: {', '.join(HAYSTACKS)}")
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise ValueError(f"unknown protocol(s) {bad or '(none given)'}; allowed: {', '.join(PROTOCOLS)}")
@@ -213,18 +221,34 @@ def variants(methods: list[Method], compressions: list[float]) -> list[Variant]:
             + [Variant(m, c) for c in compressions for m in methods if m.profile is not None])
 
 
+def generated_sets(tokenizer, tasks: list[str], context_tokens: list[int], samples: int, seed: int,
+                   haystacks: tuple[str, ...]) -> list[SampleSet]:
+    """Our tasks' samples: each niah_* task once per haystack, labelled `task@haystack` on any but the default."""
+    runs_of_tasks = [(task, haystack) for task in tasks
+                     for haystack in (haystacks if task in HAYSTACK_TASKS else (DEFAULT_HAYSTACK,))]
+    return [SampleSet(length, task if haystack == DEFAULT_HAYSTACK else f"{task}@{haystack}",
+                      make_samples(task, tokenizer, length, samples, seed, haystack))
+            for length in context_tokens for task, haystack in runs_of_tasks]
+
+
 def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tokens: list[int], samples: int,
              compressions: list[float], seed: int = 0, progress: bool = True, prompt_format: str = "chat",
              engine: str = "simulated", protocols: tuple[str, ...] = ("agnostic",), inner: str = "inductor",
              compiled=None, prefill_chunk: int | None = None, rank: int = 0, world: int = 1,
-             haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,)) -> list[Result]:
+             haystacks: tuple[str, ...] = (DEFAULT_HAYSTACK,),
+             sample_sets: list[SampleSet] | None = None) -> list[Result]:
     """Results of this rank's samples (sample i runs on rank i % world); methods without a profile are skipped.
 
-    The niah_* tasks run once per haystack, reported as `task@haystack` on any but the default.
+    The samples are our tasks' (`tasks` x `context_tokens`, each niah_* task once per haystack) or, given
+    `sample_sets` (outside.load_ruler_docs: lm-eval's RULER documents), those instead (then `tasks` is empty).
 
     `compiled` (compiled engine) is the model compiled with the lukv backend (made here with `inner` if not given).
     """
-    check_evaluation(tasks, context_tokens, samples, compressions, engine, protocols, haystacks)
+    if sample_sets is None:
+        check_tasks(tasks, context_tokens, engine, haystacks)
+    elif tasks:
+        raise ValueError(f"give tasks or sample_sets, not both (got tasks {tasks})")
+    check_evaluation(samples, compressions, engine, protocols)
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
     if "aware" in protocols and any(m.scorer in RECONSTRUCTED for m in chosen):
@@ -240,27 +264,24 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
     if engine == "compiled" and compiled is None:
         compiled = torch.compile(model, backend="lukv", options={"inner": inner})
     stop_ids = set(eos_token_ids(model, tokenizer))
+    if sample_sets is None:
+        sample_sets = generated_sets(tokenizer, tasks, context_tokens, samples, seed, haystacks)
     mine = range(rank, samples, world)
-    runs_of_tasks = [(task, haystack) for task in tasks
-                     for haystack in (haystacks if task in HAYSTACK_TASKS else (DEFAULT_HAYSTACK,))]
-    bar = _progress(len(context_tokens) * len(runs_of_tasks) * len(protocols) * len(mine), progress and rank == 0)
+    bar = _progress(len(sample_sets) * len(protocols) * len(mine), progress and rank == 0)
     results = []
-    for length in context_tokens:
-        for task, haystack in runs_of_tasks:
-            label = task if haystack == DEFAULT_HAYSTACK else f"{task}@{haystack}"
-            task_samples = make_samples(task, tokenizer, length, samples, seed, haystack)
-            for index in mine:
-                sample = task_samples[index]
-                prompt = encode(tokenizer, sample, prompt_format)
-                for protocol in protocols:
-                    bar.set_description(f"{length} {label} {protocol}")
-                    where = (protocol, length, label, index)
-                    if engine == "simulated":
-                        results += simulated_results(model, tokenizer, sample, prompt, runs, where, stop_ids)
-                    else:
-                        results += compiled_results(compiled, model, tokenizer, sample, prompt, runs, where,
-                                                    stop_ids, prefill_chunk)
-                    bar.update(1)
+    for sample_set in sample_sets:
+        for index in mine:
+            sample = sample_set.samples[index]
+            prompt = encode(tokenizer, sample, prompt_format)
+            for protocol in protocols:
+                bar.set_description(f"{sample_set.context_tokens} {sample_set.label} {protocol}")
+                where = (protocol, sample_set.context_tokens, sample_set.label, index)
+                if engine == "simulated":
+                    results += simulated_results(model, tokenizer, sample, prompt, runs, where, stop_ids)
+                else:
+                    results += compiled_results(compiled, model, tokenizer, sample, prompt, runs, where,
+                                                stop_ids, prefill_chunk)
+                bar.update(1)
     bar.close()
     return results
 

@@ -100,6 +100,7 @@ class Sample:
     answer_prefix: str = ""  # RULER's start of the answer; a harness may append it after the prompt
     depth: float | None = None  # where the queried needle (or chain start) sits, 0 = start, 1 = end
     followups: tuple[Question, ...] = ()  # niah_multiturn: asked one per turn after the first, on the same cache
+    starts_answer: bool = False  # the prompt ends with answer_prefix (lm-eval's gen_prefix); ours leave it out
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval import report
-from lukv_compile.eval.harness import ENGINES, Result, check_evaluation, evaluate
+from lukv_compile.eval.harness import ENGINES, Result, check_evaluation, check_tasks, evaluate
 from lukv_compile.eval.methods import BUDGETS, parse_methods
+from lukv_compile.eval.outside import SampleSet, load_ruler_docs
 from lukv_compile.eval.simulate import PROTOCOLS
 from lukv_compile.eval.tasks import TASKS
 from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
@@ -24,6 +25,8 @@ from lukv_compile.settings import INNER_COMPILERS
 from lukv_compile.tools.cli_args import load_model_arg
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey"
+DEFAULT_CONTEXT = "2048"
+GENERATED_ONLY = ("tasks", "context", "seed", "haystacks")  # what --tasks-file replaces
 
 
 def add_parser(sub) -> None:
@@ -32,9 +35,14 @@ def add_parser(sub) -> None:
                                    "forward and decode greedily (agnostic protocol), or compress the context with "
                                    "the question (aware); every method is a budget allocation x a scorer.")
     p.add_argument("--model", default="smollm2", help="model name (smollm2, gemma3) or a saved transformers folder")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
-                   f"(default {DEFAULT_TASKS}); with --from-json, the tasks whose rows the report keeps")
-    p.add_argument("--context", default="2048", help="comma-separated context lengths in tokens (default 2048)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated tasks or all; from: {', '.join(TASKS)} "
+                   f"(default {DEFAULT_TASKS}); with --from-json, the tasks whose rows the report keeps (default: all)")
+    p.add_argument("--tasks-file", default=None,
+                   help="lm-evaluation-harness RULER documents, one JSON object per line "
+                        "(scripts/lmeval_ruler_samples.py writes them; lukv_compile/eval/outside.py): run the first "
+                        "--samples of each task instead of --tasks, --context, --seed and --haystacks")
+    p.add_argument("--context", default=None,
+                   help=f"comma-separated context lengths in tokens (default {DEFAULT_CONTEXT})")
     p.add_argument("--samples", type=int, default=20, help="samples per task and context length (default 20)")
     p.add_argument("--compression", default="0.8", help="comma-separated compression ratios in [0, 1) "
                    "(default 0.8; the full cache always runs at 0)")
@@ -54,8 +62,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prefill each context in chunks of this many tokens, evicting after each (default: whole)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="task sampling seed (default 0)")
-    p.add_argument("--haystacks", default="persuasion",
+    p.add_argument("--seed", type=int, default=None, help="task sampling seed (default 0)")
+    p.add_argument("--haystacks", default=None,
                    help=f"comma-separated haystacks the niah_* tasks hide their needles in, from "
                         f"{', '.join(HAYSTACKS)} (default persuasion); one run on another is reported as task@haystack")
     p.add_argument("--json", default=None, help="also write the result rows and run metadata to this JSON file")
@@ -84,13 +92,15 @@ def check_output(path: str | None, name: str) -> None:
 
 
 def canonical_command(args, tasks, contexts, compressions) -> str:
-    parts = [f"lukv eval --model {args.model} --tasks {','.join(tasks)} --context {','.join(map(str, contexts))}",
+    samples = (f"--tasks-file {args.tasks_file}" if args.tasks_file else
+               f"--tasks {','.join(tasks)} --context {','.join(map(str, contexts))} --seed {args.seed or 0}")
+    parts = [f"lukv eval --model {args.model} {samples}",
              f"--samples {args.samples} --compression {','.join(f'{c:g}' for c in compressions)}",
              f"--methods {args.methods} --engine {args.engine} --protocol {args.protocol}",
-             f"--prompt-format {args.prompt_format} --seed {args.seed}"]
+             f"--prompt-format {args.prompt_format}"]
     parts += [f"--inner {args.inner}"] if args.engine == "compiled" else []
     parts += [f"--prefill-chunk {args.prefill_chunk}"] if args.prefill_chunk else []
-    parts += [f"--haystacks {args.haystacks}"] if args.haystacks != "persuasion" else []
+    parts += [f"--haystacks {args.haystacks}"] if args.haystacks not in (None, "persuasion") else []
     parts += [f"--profile-dir {args.profile_dir}"] if args.profile_dir else []
     parts += [f"--threads {args.threads}"] if args.threads else []
     parts += [f"--json {args.json}"] if args.json else []
@@ -104,13 +114,11 @@ def run(args) -> int:
     import torch
 
 
-    tasks = list(TASKS) if args.tasks == "all" else split_list(args.tasks, str, "tasks")
-    contexts = split_list(args.context, int, "context")
     compressions = split_list(args.compression, float, "compression")
     parse_methods(args.methods)
     protocols = tuple(split_list(args.protocol, str, "protocol"))
-    haystacks = tuple(split_list(args.haystacks, str, "haystacks"))
-    check_evaluation(tasks, contexts, args.samples, compressions, args.engine, protocols, haystacks)
+    check_evaluation(args.samples, compressions, args.engine, protocols)
+    tasks, contexts, haystacks, sample_sets = chosen_samples(args)
     check_output(args.json, "json")
     check_output(args.out, "out")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
@@ -129,10 +137,10 @@ def run(args) -> int:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))  # cores shared by the ranks
     model, tokenizer = load_model_arg(args.model, "float32")
     start = time.perf_counter()
-    results = evaluate(model, tokenizer, args.methods, tasks, contexts, args.samples, compressions, seed=args.seed,
-                       progress=not args.no_progress, prompt_format=args.prompt_format, engine=args.engine,
-                       protocols=protocols, inner=args.inner, prefill_chunk=args.prefill_chunk, rank=rank,
-                       world=world, haystacks=haystacks)
+    results = evaluate(model, tokenizer, args.methods, tasks, contexts, args.samples, compressions,
+                       seed=args.seed or 0, progress=not args.no_progress, prompt_format=args.prompt_format,
+                       engine=args.engine, protocols=protocols, inner=args.inner, prefill_chunk=args.prefill_chunk,
+                       rank=rank, world=world, haystacks=haystacks, sample_sets=sample_sets)
     results = gather(results, world)
     elapsed = time.perf_counter() - start
     if rank != 0:
@@ -143,7 +151,9 @@ def run(args) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
                    f"torch {torch.__version__}, {world} process(es) x {torch.get_num_threads()} thread(s)",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "samples": f"{args.samples} per task and context length, seed {args.seed}, prompt format {args.prompt_format}",
+        "samples": f"{args.samples} per task and context length, "
+                   f"{f'from {args.tasks_file}' if args.tasks_file else f'seed {args.seed or 0}'}, "
+                   f"prompt format {args.prompt_format}",
         "wall time": f"{elapsed / 60:.1f} min",
     }
     print(report.markdown_table(results))
@@ -153,6 +163,23 @@ def run(args) -> int:
     if args.out:
         write_outputs(results, meta, model, Path(args.out))
     return 0
+
+
+def chosen_samples(args) -> tuple[list[str], list[int], tuple[str, ...], list[SampleSet] | None]:
+    """(tasks, context lengths, haystacks, sample sets): our generated tasks, or the documents of --tasks-file
+    (then no tasks), checked before the model loads."""
+    if args.tasks_file:
+        given = [f"--{name.replace('_', '-')}" for name in GENERATED_ONLY if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--tasks-file gives the samples and their lengths: drop {', '.join(given)}")
+        sample_sets = load_ruler_docs(args.tasks_file, args.samples)
+        return [], sorted({s.context_tokens for s in sample_sets}), (), sample_sets
+    tasks_text = args.tasks or DEFAULT_TASKS
+    tasks = list(TASKS) if tasks_text == "all" else split_list(tasks_text, str, "tasks")
+    contexts = split_list(args.context or DEFAULT_CONTEXT, int, "context")
+    haystacks = tuple(split_list(args.haystacks or HAYSTACKS[0], str, "haystacks"))
+    check_tasks(tasks, contexts, args.engine, haystacks)
+    return tasks, contexts, haystacks, None
 
 
 def gather(results: list[Result], world: int) -> list[Result]:
@@ -179,13 +206,13 @@ def report_from_json(args) -> int:
             runs.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--from-json: {path} is not a JSON file written by --json ({e})") from None
-    tasks = set(TASKS if args.tasks == "all" else split_list(args.tasks, str, "tasks"))
+    tasks = None if args.tasks in (None, "all") else set(split_list(args.tasks, str, "tasks"))
     rows: dict[tuple, Result] = {}
     for run in runs:
         for row in run["results"]:
             result = Result(**row)
             # task@haystack is its task on another haystack; a run repeated in two files (the full cache) counts once
-            if result.task.partition("@")[0] in tasks:
+            if tasks is None or result.task.partition("@")[0] in tasks:
                 rows.setdefault(result_key(result), result)
     results = list(rows.values())
     meta = dict(runs[0]["meta"])
