@@ -404,3 +404,33 @@ def test_summary_table_survives_a_zero_ceiling():
     zero = [r for r in fake_results() if r.method != "uniform:oracle"]
     zero += [Result("simulated", "agnostic", 1024, "passkey", 0, "uniform:oracle", 0.8, 0.0, "")]
     assert "| 0.000 | lukv:snapkv 0.500 | - |" in report.summary_table(zero, compressions=(0.8,))
+
+
+def test_share_of_full_pairs_each_document_and_picks_one_compression(tmp_path, capsys):
+    """scripts/share_of_full.py: the ratio of means over runs, its interval around it, one compression at a time."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    def run_file(name, scores):  # scores: (full, method at 0.8, method at 0.9) per document
+        rows = [dict(protocol="agnostic", task="t", sample=i, method=m, compression=c, score=x)
+                for i, doc in enumerate(scores)
+                for m, c, x in zip(("full", "m", "m"), (0.0, 0.8, 0.9), doc, strict=True)]
+        (tmp_path / name).write_text(json.dumps({"results": rows}))
+        return str(tmp_path / name)
+
+    a = run_file("a.json", [(1, 1, 0), (1, 0, 0), (0, 0, 1), (1, 1, 1)])
+    b = run_file("b.json", [(1, 1, 1), (1, 1, 0)])
+    script = str(Path(__file__).parents[1] / "scripts" / "share_of_full.py")
+    old, sys.argv = sys.argv, ["share_of_full.py", "m", a, b, "--compression", "0.8"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        sys.argv = ["share_of_full.py", "m", a]
+        with pytest.raises(SystemExit, match=r"m ran at \[0.8, 0.9\]: choose one with --compression"):
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = old
+    said = capsys.readouterr().out
+    assert "6 documents, full 0.833, method 0.667: share 80.0% [" in said  # 4 of 5 full-cache points kept
+    low, high = (float(x.strip().rstrip("%]")) for x in said.split("[")[1].split(", "))
+    assert low <= 80.0 <= high
