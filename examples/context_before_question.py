@@ -37,8 +37,9 @@ question = torch.tensor([tokenizer.encode(after, add_special_tokens=False)])
 profile = lukv_compile.Profile.load(profile_path(model, "reconstruction"))
 cache = lukv_compile.LUKVCache(model.config, profile=profile, compression=args.compression)
 # A passkey sits in one sentence among hundreds of repeated ones: on such documents KVzip's scoring on per-head
-# budgets found it far more often than under the default global selection (held-out 5, 20 passkeys at 0.8: 0.50
-# vs 0.20; docs/results.md), so this document keeps each head's budget of the reconstruction profile.
+# budgets found it far more often than under the default global selection (20 passkeys at 0.8: 0.50 vs 0.20 on
+# held-out 5, 0.40 vs 0.15 on held-out 6; docs/results.md), so this document keeps each head's budget of the
+# reconstruction profile.
 lukv_compile.compress_context(model, cache, document, lukv_compile.repeat_ids(tokenizer, sample.context),
                               selection="budgets")
 held, full = cache.nbytes(), lukv_compile.full_cache_nbytes(model.config, 1, document.shape[1], model.dtype)
