@@ -11,7 +11,7 @@ import pytest
 from test_eval import eval_parser
 from test_profiling import chat_tokenizer, save_tiny_model
 
-from lukv_compile.eval.harness import encode
+from lukv_compile.eval.harness import encode, evaluate
 from lukv_compile.eval.outside import REQUIRED_KEYS, load_ruler_docs
 from lukv_compile.eval.tasks import make_samples
 from lukv_compile.tools import eval_command as command
@@ -78,6 +78,14 @@ def test_bad_files_raise_before_work_naming_the_line(tmp_path):
     with pytest.raises(ValueError, match="fewer than 3 samples for lmeval_niah_single_1 at 1024: 2"):
         load_ruler_docs(write(tmp_path, [good, good]), 3)
     assert set(REQUIRED_KEYS) <= set(good)
+
+
+def test_evaluate_refuses_short_sample_sets_and_tasks_beside_them():
+    sets = load_ruler_docs(HEAD, 1)
+    with pytest.raises(ValueError, match="every sample set needs 2 samples; lmeval_niah_multikey_2: 1"):
+        evaluate(None, None, ["full"], [], [1024], 2, [0.8], sample_sets=sets)
+    with pytest.raises(ValueError, match=r"give tasks or sample_sets, not both \(got tasks \['passkey'\]\)"):
+        evaluate(None, None, ["full"], ["passkey"], [1024], 1, [0.8], sample_sets=sets)
 
 
 def test_lukv_eval_runs_a_tasks_file_and_reports_its_tasks(tmp_path):

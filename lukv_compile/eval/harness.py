@@ -248,6 +248,9 @@ def evaluate(model, tokenizer, methods: list[str], tasks: list[str], context_tok
         check_tasks(tasks, context_tokens, engine, haystacks)
     elif tasks:
         raise ValueError(f"give tasks or sample_sets, not both (got tasks {tasks})")
+    elif any(len(s.samples) < samples for s in sample_sets):
+        short = [f"{s.label}: {len(s.samples)}" for s in sample_sets if len(s.samples) < samples]
+        raise ValueError(f"every sample set needs {samples} samples; {', '.join(short)}")
     check_evaluation(samples, compressions, engine, protocols)
     check_prompt_format(prompt_format)
     chosen, notes = available_methods(model, methods, engine)
