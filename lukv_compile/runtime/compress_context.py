@@ -2,9 +2,10 @@
 
 `compress_context(model, cache, context_ids, repeat_ids(tokenizer, text))` prefills the context
 (uncompiled), scores every token by what repeating the context needs (profiling/reconstruction.py) and fills
-an empty `LUKVCache` with the top tokens. Two scorings: `kvzip` (default: KVzip's, the largest attention weight
-a repetition query gives the token, unpooled) and `reconstruction` (our utility, attention x value-output norm,
-pooled over 7 tokens). Two selections: `global` (default: KVzip's, one threshold over every head of every layer
+an empty `LUKVCache` with the top tokens. Three scorings: `kvzip` (default: KVzip's, the largest attention weight
+a repetition query gives the token, unpooled), `kvzip_pooled` (that weight max-pooled over 7 tokens: better on
+passkey documents, worse with several questions, docs/results.md split 6) and `reconstruction` (our utility,
+attention x value-output norm, pooled over 7 tokens). Two selections: `global` (default: KVzip's, one threshold over every head of every layer
 for the cache's total; each head's protected tokens kept; the cache's profile gives the total, sink and window)
 and `budgets` (each head keeps the cache's per-head budget: a profile solved for the reconstruction ranking,
 `lukv profile --scorer reconstruction`, or any other). The defaults were chosen on held-out data: KVzip's
