@@ -5,12 +5,13 @@
 an empty `LUKVCache` with the top tokens. Three scorings: `kvzip` (default: KVzip's, the largest attention weight
 a repetition query gives the token, unpooled), `kvzip_pooled` (that weight max-pooled over 7 tokens: better on
 passkey documents, worse with several questions, docs/results.md split 6) and `reconstruction` (our utility,
-attention x value-output norm, pooled over 7 tokens). Two selections: `global` (default: KVzip's, one threshold over every head of every layer
-for the cache's total; each head's protected tokens kept; the cache's profile gives the total, sink and window)
-and `budgets` (each head keeps the cache's per-head budget: a profile solved for the reconstruction ranking,
-`lukv profile --scorer reconstruction`, or any other). The defaults were chosen on held-out data: KVzip's
-scoring under its global selection kept 77% of the full cache's score on the multi-question protocol at 0.8
-where the reconstruction ranking on its LU-KV budgets kept 27% (docs/results.md).
+attention x value-output norm, pooled over 7 tokens). Selections: `global` (default: KVzip's, one threshold over
+every head of every layer for the cache's total; each head's protected tokens kept; the cache's profile gives the
+total, sink and window), `floored_global` (the same with AdaKV's floor per head) and `budgets` (each head keeps the
+cache's per-head budget: a profile solved for the reconstruction ranking, `lukv profile --scorer reconstruction`,
+or any other). The defaults were chosen on held-out data: on the multi-question protocol at 0.8, KVzip's scoring
+under its global selection kept 77% of the full cache's score on split 4 where the reconstruction ranking on its
+LU-KV budgets kept 27%, and 77% pooled over splits 4-6 (docs/results.md).
 A compiled model then continues from it (the question, later turns) as from any compressed prompt. The pass
 costs a second forward that records attention (measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2
 CPU cores), so it is an explicit call, not a scorer option, and its result is worth saving (`cache.save`,
