@@ -213,7 +213,7 @@ def test_compress_writes_a_cache_a_service_loads(method, selection, tiny_folder,
     (["compress", "{empty}", "--model", "smollm2", "--out", "x.lukv"], "is empty"),
     (["compress", "{empty}", "--model", "smollm2", "--out", "/no/such/dir/x.lukv"], "does not exist"),
     (["compress", "{doc}", "--model", "smollm2", "--out", "x.lukv", "--method", "prompt", "--selection", "global"],
-     "selection 'global' needs a reconstruction scoring (kvzip, kvzip_pooled, reconstruction)"),
+     "selection 'global' needs a reconstruction scoring (reconstruction, kvzip, kvzip_pooled)"),
 ])
 def test_compress_bad_arguments_fail_before_work(args, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text(" \n")

@@ -406,7 +406,7 @@ def test_summary_table_survives_a_zero_ceiling():
     assert "| 0.000 | lukv:snapkv 0.500 | - |" in report.summary_table(zero, compressions=(0.8,))
 
 
-def test_share_of_full_pairs_each_document_and_picks_one_compression(tmp_path, capsys):
+def test_share_of_full_pairs_each_document_and_picks_one_compression(tmp_path, capsys, monkeypatch):
     """scripts/share_of_full.py: the ratio of means over runs, its interval around it, one compression at a time."""
     import runpy
     import sys
@@ -422,14 +422,11 @@ def test_share_of_full_pairs_each_document_and_picks_one_compression(tmp_path, c
     a = run_file("a.json", [(1, 1, 0), (1, 0, 0), (0, 0, 1), (1, 1, 1)])
     b = run_file("b.json", [(1, 1, 1), (1, 1, 0)])
     script = str(Path(__file__).parents[1] / "scripts" / "share_of_full.py")
-    old, sys.argv = sys.argv, ["share_of_full.py", "m", a, b, "--compression", "0.8"]
-    try:
+    monkeypatch.setattr(sys, "argv", ["share_of_full.py", "m", a, b, "--compression", "0.8"])
+    runpy.run_path(script, run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["share_of_full.py", "m", a])
+    with pytest.raises(SystemExit, match=r"m ran at \[0.8, 0.9\]: choose one with --compression"):
         runpy.run_path(script, run_name="__main__")
-        sys.argv = ["share_of_full.py", "m", a]
-        with pytest.raises(SystemExit, match=r"m ran at \[0.8, 0.9\]: choose one with --compression"):
-            runpy.run_path(script, run_name="__main__")
-    finally:
-        sys.argv = old
     said = capsys.readouterr().out
     assert "6 documents, full 0.833, method 0.667: share 80.0% [" in said  # 4 of 5 full-cache points kept
     low, high = (float(x.strip().rstrip("%]")) for x in said.split("[")[1].split(", "))

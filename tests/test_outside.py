@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval import eval_parser
-from test_profiling import chat_tokenizer, save_tiny_model
+from test_eval import eval_parser, lukv_compiled
+from test_profiling import chat_tokenizer, save_tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 from lukv_compile.eval.harness import encode, evaluate
 from lukv_compile.eval.outside import REQUIRED_KEYS, load_ruler_docs
@@ -57,6 +58,22 @@ def write(tmp_path, lines: list) -> Path:
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return path
+
+
+def test_the_compiled_engine_answers_lm_eval_documents_as_the_simulated_one():
+    """The product path (a LUKVCache on the compiled model) gives the simulated engine's answers on lm-eval's
+    documents, answer start included; the compressed rows differ from the full cache's, so the equality has teeth."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    sets = load_ruler_docs(HEAD, 1)[:3]
+    args = dict(methods=["full", "uniform:snapkv", "uniform:keydiff"], tasks=[], context_tokens=[1024], samples=1,
+                compressions=[0.8], progress=False, prompt_format="plain", sample_sets=sets)
+    simulated = evaluate(model, tokenizer, engine="simulated", **args)
+    compiled = evaluate(model, tokenizer, engine="compiled", compiled=lukv_compiled(model), **args)
+    answers = {(r.task, r.method): r.answer for r in simulated}
+    assert len(simulated) == len(compiled) == 3 * 3
+    assert answers == {(r.task, r.method): r.answer for r in compiled}
+    assert any(answers[s.label, "full"] != answers[s.label, m] for s in sets for m in ("uniform:snapkv",
+                                                                                      "uniform:keydiff"))
 
 
 def test_bad_files_raise_before_work_naming_the_line(tmp_path):

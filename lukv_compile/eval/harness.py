@@ -34,9 +34,16 @@ from lukv_compile.eval.methods import (
     resolve,
     simulated_only,
 )
-from lukv_compile.eval.outside import SampleSet
 from lukv_compile.eval.simulate import PROTOCOLS, Variant, simulate_sample
-from lukv_compile.eval.tasks import HAYSTACK_TASKS, MULTI_QUESTION_TASKS, TASKS, Sample, make_samples, score
+from lukv_compile.eval.tasks import (
+    HAYSTACK_TASKS,
+    MULTI_QUESTION_TASKS,
+    TASKS,
+    Sample,
+    SampleSet,
+    make_samples,
+    score,
+)
 from lukv_compile.models import eos_token_ids
 from lukv_compile.profile import check_compression
 from lukv_compile.profiling.reconstruction import (

@@ -16,21 +16,11 @@ there, so the agnostic protocol can compress the context before it. `gen_prefix`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from lukv_compile.eval.tasks import Sample
+from lukv_compile.eval.tasks import Sample, SampleSet
 
 REQUIRED_KEYS = ("task", "input", "outputs", "gen_prefix", "max_length", "max_gen_toks")
-
-
-@dataclass(frozen=True)
-class SampleSet:
-    """One task's samples at one context length: what the evaluation runs and reports as one column."""
-
-    context_tokens: int
-    label: str
-    samples: list[Sample]
 
 
 def sample_from_doc(doc: dict, where: str) -> Sample:

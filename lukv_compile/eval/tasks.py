@@ -104,6 +104,16 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class SampleSet:
+    """One task's samples at one context length: what the evaluation runs and reports as one column (ours from
+    make_samples, or lm-eval's documents from outside.load_ruler_docs)."""
+
+    context_tokens: int
+    label: str
+    samples: list[Sample]
+
+
+@dataclass(frozen=True)
 class _Filler:
     """Text cut into words (each keeps its trailing whitespace) that can be cycled from any start."""
 

@@ -9,7 +9,8 @@ examples/compress_once_ask_many.py does this.
 Methods: `kvzip` (default) scores every token by what repeating the document needs, as KVzip does (the attention
 weight a repetition query gives it; `compress_context`, measured 6x a plain prefill's wall time at 1k, 15x at 8k
 on 2 CPU cores) and keeps the top tokens under one threshold over every head (`--selection global`, the default);
-`kvzip_pooled` takes that score's maximum over 7 neighbouring tokens (SnapKV's pooling), so a fact is kept whole;
+`kvzip_pooled` takes that score's maximum over 7 neighbouring tokens (SnapKV's pooling; measured better on passkey
+documents, worse when several questions follow, docs/results.md);
 `reconstruction` scores the same repetition by our utility (attention x value-output norm, pooled). With
 `--selection budgets` each head keeps its budget of the shipped LU-KV profile for the reconstruction ranking when
 the model has one (else uniform budgets). `prompt` runs one compiled prefill and evicts by the profile's scorer
@@ -27,12 +28,12 @@ import torch
 
 from lukv_compile.config import kv_shape
 from lukv_compile.profile import Profile
-from lukv_compile.profiling.reconstruction import chat_parts, repeat_ids
+from lukv_compile.profiling.reconstruction import SCORINGS, chat_parts, repeat_ids
 from lukv_compile.runtime.cache import LUKVCache, full_cache_nbytes
 from lukv_compile.runtime.compress_context import SELECTIONS, compress_context
 from lukv_compile.tools.cli_args import compression_arg, load_model_arg
 
-METHODS = ("kvzip", "kvzip_pooled", "reconstruction", "prompt")
+METHODS = (*SCORINGS, "prompt")
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 
 

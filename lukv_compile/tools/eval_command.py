@@ -17,9 +17,9 @@ from lukv_compile.data import HAYSTACKS
 from lukv_compile.eval import report
 from lukv_compile.eval.harness import ENGINES, Result, check_evaluation, check_tasks, evaluate
 from lukv_compile.eval.methods import BUDGETS, parse_methods
-from lukv_compile.eval.outside import SampleSet, load_ruler_docs
+from lukv_compile.eval.outside import load_ruler_docs
 from lukv_compile.eval.simulate import PROTOCOLS
-from lukv_compile.eval.tasks import TASKS
+from lukv_compile.eval.tasks import TASKS, SampleSet
 from lukv_compile.profiling.reconstruction import PROMPT_FORMATS
 from lukv_compile.settings import INNER_COMPILERS
 from lukv_compile.tools.cli_args import load_model_arg
@@ -169,7 +169,7 @@ def chosen_samples(args) -> tuple[list[str], list[int], tuple[str, ...], list[Sa
     """(tasks, context lengths, haystacks, sample sets): our generated tasks, or the documents of --tasks-file
     (then no tasks), checked before the model loads."""
     if args.tasks_file:
-        given = [f"--{name.replace('_', '-')}" for name in GENERATED_ONLY if getattr(args, name) is not None]
+        given = [f"--{name}" for name in GENERATED_ONLY if getattr(args, name) is not None]
         if given:
             raise ValueError(f"--tasks-file gives the samples and their lengths: drop {', '.join(given)}")
         sample_sets = load_ruler_docs(args.tasks_file, args.samples)
