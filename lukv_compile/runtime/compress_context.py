@@ -11,7 +11,7 @@ total, sink and window), `floored_global` (the same with AdaKV's floor per head)
 cache's per-head budget: a profile solved for the reconstruction ranking, `lukv profile --scorer reconstruction`,
 or any other). The defaults were chosen on held-out data: on the multi-question protocol at 0.8, KVzip's scoring
 under its global selection kept 77% of the full cache's score on split 4 where the reconstruction ranking on its
-LU-KV budgets kept 27%, and 77% pooled over splits 4-6 (docs/results.md).
+LU-KV budgets kept 27%, and 71% pooled over splits 4-7 (docs/results.md: short of the 90% aimed for).
 A compiled model then continues from it (the question, later turns) as from any compressed prompt. The pass
 costs a second forward that records attention (measured 6x a plain prefill's wall time at 1k, 15x at 8k on 2
 CPU cores), so it is an explicit call, not a scorer option, and its result is worth saving (`cache.save`,

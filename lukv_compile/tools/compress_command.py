@@ -14,9 +14,9 @@ documents, worse when several questions follow, docs/results.md);
 `reconstruction` scores the same repetition by our utility (attention x value-output norm, pooled). With
 `--selection budgets` each head keeps its budget of the shipped LU-KV profile for the reconstruction ranking when
 the model has one (else uniform budgets). `prompt` runs one compiled prefill and evicts by the profile's scorer
-(the model's own profile by default, as the one line finds it). On held-out data at 0.8 (SmolLM2, four questions
-per document) the default kept 77% of the full cache's score, the reconstruction ranking on its budgets 27%, the
-one line's prompt eviction 48% (docs/results.md).
+(the model's own profile by default, as the one line finds it). On held-out split 4 at 0.8 (SmolLM2, four
+questions per document) the default kept 77% of the full cache's score, the reconstruction ranking on its budgets
+27%, the one line's prompt eviction 48%; over held-out splits 4-7 the default kept 71% (docs/results.md).
 """
 
 from __future__ import annotations
