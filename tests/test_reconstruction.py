@@ -7,8 +7,8 @@ from test_eval import CharTokenizer, lukv_compiled, tiny_profile
 from tiny_models import tiny_model
 
 from lukv_compile import LUKVCache, LUKVCacheError, Profile, log
-from lukv_compile.eval import methods
-from lukv_compile.eval.harness import evaluate
+from lukv_compile.eval import harness, methods
+from lukv_compile.eval.harness import evaluate, run_sample
 from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.profiling.reconstruction import POOL, context_utility, reconstruction_utility, repeat_ids
@@ -138,6 +138,19 @@ def test_the_compressed_cache_continues_on_the_compiled_model(model):
                             max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == 209 and cache.get_seq_length() == 208
     assert [[len(p) - 8 for p in layer.kept_positions()[0]] for layer in cache.layers] == kept
+
+
+def test_a_cache_filled_whole_answers_every_turn_as_the_full_cache(model):
+    """compress_context at compression 0 keeps every token: the question and two later turns on the compiled
+    model then answer token for token as on the full cache (the path the multi-question protocol measures)."""
+    prompt = harness.Prompt(context(seed=4), [5, 6, 7], 6, [], ([8, 9, 10, 11], [12, 13]))
+    compiled = lukv_compiled(model)
+    full = run_sample(compiled, model, methods.make_cache("full", model, 0.0), prompt, set())
+    cache = LUKVCache(model.config, compression=0.0, scorer="keydiff")
+    got = run_sample(compiled, model, cache, prompt, set(),
+                     fill=lambda ids: compress_context(model, cache, ids, ids[0].tolist()))
+    assert [len(p) for layer in cache.layers for p in layer.kept_positions()[0]] == [cache.get_seq_length()] * 4
+    assert [got.tokens, *got.later] == [full.tokens, *full.later]
 
 
 def test_bad_calls_raise_before_work(model):
