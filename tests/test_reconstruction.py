@@ -7,8 +7,8 @@ from test_eval import CharTokenizer, lukv_compiled, tiny_profile
 from tiny_models import tiny_model
 
 from lukv_compile import LUKVCache, LUKVCacheError, Profile, log
-from lukv_compile.eval import harness, methods
-from lukv_compile.eval.harness import evaluate, run_sample
+from lukv_compile.eval import methods
+from lukv_compile.eval.harness import Prompt, evaluate, run_sample
 from lukv_compile.policy.budgets import keep_counts
 from lukv_compile.profiling.oracle import record_prefill
 from lukv_compile.profiling.reconstruction import POOL, context_utility, reconstruction_utility, repeat_ids
@@ -143,7 +143,7 @@ def test_the_compressed_cache_continues_on_the_compiled_model(model):
 def test_a_cache_filled_whole_answers_every_turn_as_the_full_cache(model):
     """compress_context at compression 0 keeps every token: the question and two later turns on the compiled
     model then answer token for token as on the full cache (the path the multi-question protocol measures)."""
-    prompt = harness.Prompt(context(seed=4), [5, 6, 7], 6, [], ([8, 9, 10, 11], [12, 13]))
+    prompt = Prompt(context(seed=4), [5, 6, 7], 6, [], ([8, 9, 10, 11], [12, 13]))
     compiled = lukv_compiled(model)
     full = run_sample(compiled, model, methods.make_cache("full", model, 0.0), prompt, set())
     cache = LUKVCache(model.config, compression=0.0, scorer="keydiff")
